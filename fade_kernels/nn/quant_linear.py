@@ -1,0 +1,90 @@
+"""QuantLinear: a drop-in nn.Linear replacement holding packed GPTQ-layout buffers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.ops.registry import quant_linear_forward
+from fade_kernels.packing import codes_per_run, pack_qweight, pack_qzeros, padded_width
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W_hat^T + b with W_hat stored packed (background §8).
+
+    Buffers (K = in_features, N = out_features, G = K / group_size):
+      qweight int32 [K*bits/32, N], qzeros int32 [G, pad32(N)*bits/32], scales float16 [G, N],
+      g_idx int32 [K] (group of each input column), bias float32 [N] or absent.
+    The zero points stored in qzeros are the true zeros z (GPTQ "v2" convention).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 bias: bool = True, sym: bool = False, backend: str | None = None):
+        super().__init__()
+        validate_grid_args(bits, group_size)
+        run, words = codes_per_run(bits)
+        if in_features % run != 0:
+            raise ValueError(f"in_features={in_features} must be a multiple of {run} for {bits}-bit packing")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.sym, self.backend = bits, sym, backend
+        self.group_size = resolve_group_size(group_size, in_features)
+        n_groups = in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(in_features // run * words, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, padded_width(out_features) // run * words, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", (torch.arange(in_features) // self.group_size).to(torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                   bias: torch.Tensor | None = None, sym: bool = False, backend: str | None = None) -> "QuantLinear":
+        """Build from solver output: codes int (N, K), scales float (N, G), zeros int (N, G), bias (N,)."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, sym=sym, backend=backend)
+        if scales.shape != (out_features, in_features // layer.group_size):
+            raise ValueError(f"scales must have shape {(out_features, in_features // layer.group_size)}, got {tuple(scales.shape)}")
+        layer.qweight.copy_(pack_qweight(codes, bits))
+        layer.qzeros.copy_(pack_qzeros(zeros, bits))
+        layer.scales.copy_(scales.t().half())
+        if bias is not None:
+            layer.bias.copy_(bias.float())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = False,
+                    backend: str | None = None) -> "QuantLinear":
+        """Quantize an nn.Linear with round-to-nearest (the quick way to try a kernel on a layer)."""
+        from fade_kernels.solver.rtn import rtn_quantize
+
+        codes, scales, zeros = rtn_quantize(linear.weight.detach(), bits, group_size, sym)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_codes(codes, scales, zeros, bits, group_size, bias, sym, backend).to(linear.weight.device)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (N, K) this layer multiplies by."""
+        from fade_kernels.ops.reference import dequantize_weight
+
+        return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {x.shape[-1]}")
+        return quant_linear_forward(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
+                                    self.bits, self.group_size, self.out_features, self.backend)
+
+    def extra_repr(self) -> str:
+        grid = "sym" if self.sym else "asym"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, {grid}, bias={self.bias is not None}")
+
+
+def replace_linears(model: nn.Module, names: list[str], make: "callable") -> None:
+    """Swap each named nn.Linear of `model` for make(name, linear) (a QuantLinear)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, getattr(parent, child)))

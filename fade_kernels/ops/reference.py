@@ -1,0 +1,27 @@
+"""Plain-torch reference for the packed dequant-matmul: the definition of correct."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fade_kernels.packing import unpack_qweight, unpack_qzeros
+
+
+def dequantize_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      g_idx: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Rebuild the float32 weight (N, K) from the packed GPTQ tensors.
+
+    qweight int32 [K*bits/32, N]; qzeros int32 [G, pad32(N)*bits/32]; scales float16 [G, N];
+    g_idx int32 [K] (group of each input column).
+    """
+    codes = unpack_qweight(qweight, bits).float()                     # (N, K)
+    zeros = unpack_qzeros(qzeros, bits, out_features).float()         # (N, G)
+    group = g_idx.long()
+    return (codes - zeros[:, group]) * scales.float().t()[:, group]   # (N, K)
+
+
+def reference_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
+    """y = x @ W_hat^T + bias in x's dtype. x: (..., K) float32/bfloat16/float16 -> (..., N)."""
+    weight = dequantize_weight(qweight, qzeros, scales, g_idx, bits, out_features).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,93 @@
+"""Backend registry for the quantized matmul.
+
+Each backend is a small record (name, devices, bit widths, a shape predicate, availability and
+the reason when unavailable). `auto` picks the first available backend in priority order that
+supports the tensor's device, the layer's bit width and the activation's row count M. A backend
+named explicitly (argument or the FADE_BACKEND environment variable) runs or raises: never a
+silent fallback. The torch reference is always available and defines correctness.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fade_kernels.ops.reference import reference_forward
+
+
+@dataclass
+class Backend:
+    """One implementation of y = x @ dequant(qweight)^T + bias.
+
+    fn has reference_forward's signature. supports(m, bits, group_size, device_type) says
+    whether this backend handles that call. priority: lower runs first under `auto`.
+    """
+
+    name: str
+    fn: Callable
+    devices: tuple[str, ...]
+    bits: tuple[int, ...]
+    priority: int
+    available: bool = True
+    why_unavailable: str = ""
+    supports: Callable[[int, int, int, str], bool] = lambda m, bits, group_size, device: True
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add or replace a backend by name."""
+    BACKENDS[backend.name] = backend
+
+
+register_backend(Backend(name="torch", fn=reference_forward, devices=("cpu", "cuda"), bits=(2, 3, 4, 8), priority=100))
+
+
+def _can_run(backend: Backend, m: int, bits: int, group_size: int, device: str) -> str:
+    """Empty string when `backend` can run this call, else the reason it cannot."""
+    if not backend.available:
+        return backend.why_unavailable or "not available"
+    if device not in backend.devices:
+        return f"does not run on {device} tensors (runs on {', '.join(backend.devices)})"
+    if bits not in backend.bits:
+        return f"does not support bits={bits} (supports {backend.bits})"
+    if not backend.supports(m, bits, group_size, device):
+        return f"does not support M={m}, bits={bits}, group_size={group_size}"
+    return ""
+
+
+def select_backend(m: int, bits: int, group_size: int, device: str, requested: str | None = None) -> Backend:
+    """The backend to use. requested None -> FADE_BACKEND env or 'auto'."""
+    requested = requested or os.environ.get("FADE_BACKEND") or "auto"
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {requested!r}")
+        reason = _can_run(BACKENDS[requested], m, bits, group_size, device)
+        if reason:
+            raise RuntimeError(f"backend {requested!r} was requested but cannot run: {reason}")
+        return BACKENDS[requested]
+    for backend in sorted(BACKENDS.values(), key=lambda b: b.priority):
+        if not _can_run(backend, m, bits, group_size, device):
+            return backend
+    raise RuntimeError(f"no backend can run M={m}, bits={bits}, group_size={group_size} on {device}")
+
+
+def quant_linear_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                         g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                         out_features: int, backend: str | None = None) -> torch.Tensor:
+    """Front door: x (..., K) float -> (..., N) in x's dtype, through the selected backend."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    chosen = select_backend(m, bits, group_size, x.device.type, backend)
+    return chosen.fn(x, qweight, qzeros, scales, g_idx, bias, bits, out_features)
+
+
+def backend_table() -> list[dict]:
+    """One row per backend for `fade info`: name, devices, bits, available, reason."""
+    return [
+        {"name": b.name, "devices": ",".join(b.devices), "bits": ",".join(map(str, b.bits)),
+         "available": b.available, "why_unavailable": b.why_unavailable}
+        for b in sorted(BACKENDS.values(), key=lambda b: b.priority)
+    ]

@@ -1,0 +1,69 @@
+"""The quantization grid (background §3): per output row and per group of input columns.
+
+Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) clamped to [0, 2^b - 1].
+Symmetric:  z = 2^(b-1),                s = max|w| / (2^(b-1) - 1).
+Code q = clamp(round(w / s) + z, 0, 2^b - 1); value (q - z) * s.
+
+Scales are rounded to float16 here, at the source, because checkpoints store them as float16:
+the solver then optimises against exactly the grid that inference will use.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Smallest positive float16 subnormal: a scale below it would round to 0 in the checkpoint.
+_MIN_FP16_SCALE = 2.0 ** -24
+
+
+class Grid(NamedTuple):
+    """scales: float32 (N, G), float16-representable; zeros: float32 (N, G), integer-valued."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def compute_grid(weight: torch.Tensor, bits: int, sym: bool = False) -> Grid:
+    """Grid of one group per row for `weight` float32 (N, g): returns scales, zeros (N, 1).
+
+    The asymmetric range always includes 0 so that the clamped integer zero represents it
+    exactly (a group entirely above 0 would otherwise lose its top codes to the clamp).
+    A row that is all zeros gets scale 1, which dequantizes every code at z back to 0.
+    """
+    maxq = 2 ** bits - 1
+    w = weight.float()
+    if sym:
+        amax = w.abs().amax(dim=1, keepdim=True)
+        scales = amax / (2 ** (bits - 1) - 1)
+        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+        degenerate = amax == 0
+    else:
+        wmin = w.amin(dim=1, keepdim=True).clamp(max=0.0)
+        wmax = w.amax(dim=1, keepdim=True).clamp(min=0.0)
+        scales = (wmax - wmin) / maxq
+        degenerate = wmax == wmin
+        zeros = None
+    scales = torch.where(degenerate, torch.ones_like(scales), scales)
+    scales = scales.clamp(min=_MIN_FP16_SCALE).half().float()
+    if zeros is None:
+        zeros = torch.round(-wmin / scales).clamp(0, maxq)
+    return Grid(scales, zeros)
+
+
+def quantize_to_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes float32 (same shape as weight), integer-valued in [0, 2^bits - 1].
+
+    weight (N, C) float32; scales/zeros broadcastable to it (e.g. (N, 1)).
+    """
+    return torch.clamp(torch.round(weight / scales) + zeros, 0, 2 ** bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(codes - zeros) * scales, float32, with the same broadcasting as quantize_to_codes."""
+    return (codes.float() - zeros) * scales
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, G) -> (N, G * group_size): repeat each group's value over its columns."""
+    return per_group.repeat_interleave(group_size, dim=1)

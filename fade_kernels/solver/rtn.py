@@ -1,0 +1,31 @@
+"""Round-to-nearest: the grid of each group applied to the weights as they are."""
+from __future__ import annotations
+
+import torch
+
+from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.solver.grid import compute_grid, quantize_to_codes
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False):
+    """Round-to-nearest quantization of one weight matrix.
+
+    weight: float (N, K). Returns (codes, scales, zeros):
+      codes  int32  (N, K) in [0, 2^bits - 1]
+      scales float32 (N, K // g), float16-representable
+      zeros  int32  (N, K // g)
+    so that W_hat[:, j] = (codes[:, j] - zeros[:, j // g]) * scales[:, j // g].
+    """
+    validate_grid_args(bits, group_size)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    n_rows, n_cols = weight.shape
+    g = resolve_group_size(group_size, n_cols)
+    grouped = weight.float().reshape(n_rows * (n_cols // g), g)  # one group per row
+    scales, zeros = compute_grid(grouped, bits, sym)
+    codes = quantize_to_codes(grouped, scales, zeros, bits)
+    return (
+        codes.reshape(n_rows, n_cols).to(torch.int32),
+        scales.reshape(n_rows, n_cols // g),
+        zeros.reshape(n_rows, n_cols // g).to(torch.int32),
+    )

@@ -1,0 +1,59 @@
+"""Calibration samples: one utterance's encoder input, its length and its decoder tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from fade_kernels.models.adapters import ModelAdapter, get_adapter
+
+
+@dataclass
+class CalibSample:
+    """encoder_input: float32, Whisper (n_mels, 3000) log-mel / Moonshine (n_samples,) audio.
+    n_samples: length of the real audio at 16 kHz (to mask padded encoder frames).
+    decoder_ids: int64 (L,): prompt + transcript + end-of-text, the teacher-forced sequence."""
+
+    encoder_input: torch.Tensor
+    n_samples: int
+    decoder_ids: torch.Tensor
+
+
+def prepare_samples(model, processor, utterances, adapter: ModelAdapter | None = None,
+                    progress: bool = True) -> list[CalibSample]:
+    """Audio files -> CalibSample list.
+
+    utterances: fade_kernels.data.corpus.Utterance items (audio path, optional text). Decoder
+    tokens come from the reference transcript; an utterance without text is transcribed by
+    the full-precision `model` (greedy) and its own tokens are used, as background §7 says.
+    """
+    from fade_kernels.data.audio import load_audio
+
+    if not utterances:
+        raise ValueError("calibration needs at least one utterance; the calibration set is empty")
+    adapter = adapter or get_adapter(model)
+    feature_extractor, tokenizer = processor.feature_extractor, processor.tokenizer
+    prompt = adapter.decoder_prompt(model, tokenizer)
+    eos = model.config.eos_token_id
+    max_len = getattr(model.config, "max_target_positions", None) or getattr(model.config, "max_position_embeddings", 448)
+    samples = []
+    for utt in tqdm(utterances, desc="calibration audio", disable=not progress):
+        audio = load_audio(utt.audio)
+        features = feature_extractor(audio, sampling_rate=16000, return_tensors="pt")
+        encoder_input = features[adapter.encoder_input_name()][0].float()
+        if utt.text:
+            ids = prompt + adapter.transcript_ids(tokenizer, utt.text) + [eos]
+        else:
+            ids = _greedy_ids(model, adapter, features, prompt)
+        samples.append(CalibSample(encoder_input, len(audio), torch.tensor(ids[:max_len], dtype=torch.long)))
+    return samples
+
+
+@torch.no_grad()
+def _greedy_ids(model, adapter, features, prompt, max_new_tokens: int = 128) -> list[int]:
+    inputs = {k: v for k, v in features.items() if k in (adapter.encoder_input_name(), "attention_mask")}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    ids = out[0].tolist()
+    # generate() returns the whole sequence including the prompt for Whisper; keep one prompt.
+    return ids if ids[: len(prompt)] == prompt else prompt + ids

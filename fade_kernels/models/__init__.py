@@ -1,0 +1,1 @@
+"""Model families (adapters), the CTranslate2 converter and the bundled model."""

@@ -1,0 +1,97 @@
+// fade_kernels._C: thin pybind11 boundary of the CPU kernels. Every tensor is checked here
+// (device, dtype, shape, contiguity) and errors name the argument and the constraint; the
+// kernels behind (csrc/cpu) assume valid input.
+#include <torch/extension.h>
+
+#include "../cpu/qmatmul_cpu.h"
+#include "../cpu/qmatmul_torch.h"
+
+namespace {
+
+using fade::cpu::kTileN;
+
+void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, name, " must be ", c10::toString(want), ", got ", t.scalar_type());
+}
+
+// Checks the tiled layout (qmatmul_cpu.h) and returns K.
+int64_t check_tiled(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                    int64_t group_size, int64_t out_features) {
+  TORCH_CHECK(bits == 3 || bits == 4, "bits must be 3 or 4 for the CPU kernels, got ", bits);
+  TORCH_CHECK(out_features > 0, "out_features must be positive, got ", out_features);
+  check_cpu_contiguous(words, "words");
+  check_cpu_contiguous(scales, "scales");
+  check_cpu_contiguous(zeros, "zeros");
+  check_dtype(words, "words", at::kInt);
+  check_dtype(scales, "scales", at::kHalf);
+  check_dtype(zeros, "zeros", at::kByte);
+  const int64_t tiles = (out_features + kTileN - 1) / kTileN;
+  TORCH_CHECK(words.dim() == 3 && words.size(0) == tiles && words.size(2) == kTileN,
+              "words must have shape [ceil(out_features/", kTileN, ")=", tiles, ", K*bits/32, ", kTileN, "], got ",
+              words.sizes());
+  TORCH_CHECK(words.size(1) % bits == 0, "words.size(1)=", words.size(1), " must be a multiple of bits=", bits,
+              " (K must be a multiple of 32)");
+  const int64_t K = words.size(1) * 32 / bits;
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group_size must be a positive multiple of 32, got ", group_size);
+  TORCH_CHECK(K % group_size == 0, "group_size=", group_size, " must divide K=", K);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == tiles && scales.size(1) == G && scales.size(2) == kTileN,
+              "scales must have shape [", tiles, ", ", G, ", ", kTileN, "], got ", scales.sizes());
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), "zeros must have shape ", scales.sizes(), ", got ", zeros.sizes());
+  return K;
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                   const at::Tensor& dsum, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
+                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols) {
+  const int64_t K = check_tiled(words, scales, zeros, bits, group_size, out_features);
+  check_cpu_contiguous(dsum, "dsum");
+  check_dtype(dsum, "dsum", at::kShort);
+  TORCH_CHECK(dsum.sizes() == scales.sizes(), "dsum must have shape ", scales.sizes(), ", got ", dsum.sizes());
+  TORCH_CHECK(group_size * ((1 << bits) - 1) <= 32767, "group_size=", group_size,
+              " is too large for int16 dsum (split groups to at most ", 32767 / ((1 << bits) - 1), " inputs)");
+  check_cpu_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, K] (flatten leading dimensions first), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) == K, "x.size(1) must equal in_features K=", K, ", got ", x.size(1));
+  if (bias.has_value() && bias->defined()) {
+    check_cpu_contiguous(*bias, "bias");
+    check_dtype(*bias, "bias", at::kFloat);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must have shape [", out_features, "], got ",
+                bias->sizes());
+  }
+  TORCH_CHECK(path == "auto" || path == "fused" || path == "dequant",
+              "path must be 'auto', 'fused' or 'dequant', got '", path, "'");
+  TORCH_CHECK(chunk_cols >= 0, "chunk_cols must be >= 0 (0 = automatic), got ", chunk_cols);
+  return fade::cpu::qmatmul(x, words, scales, zeros, dsum, bias, bits, group_size, out_features, path, fused_max_m,
+                            chunk_cols);
+}
+
+at::Tensor dequantize_t(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                        int64_t group_size, int64_t out_features) {
+  check_tiled(words, scales, zeros, bits, group_size, out_features);
+  return fade::cpu::dequantize_t(words, scales, zeros, bits, group_size, out_features);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fade-kernels CPU kernels: fused 3/4-bit dequant-GEMV and tile dequant + dense GEMM";
+  m.attr("TILE_N") = kTileN;
+  m.def("qmatmul", &qmatmul, "y[M,N] = x[M,K] @ dequant(tiled W)^T + bias", py::arg("x"), py::arg("words"),
+        py::arg("scales"), py::arg("zeros"), py::arg("dsum"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
+        py::arg("out_features"), py::arg("path") = "auto", py::arg("fused_max_m") = 32, py::arg("chunk_cols") = 0);
+  m.def("dequantize_t", &dequantize_t, "W^T float32 [K, N] from the tiled layout", py::arg("words"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("out_features"));
+  m.def("active_isa", &fade::cpu::active_isa, "kernel family in use: 'avx512', 'avx2' or 'scalar'");
+  m.def("supported_isas", &fade::cpu::supported_isas, "kernel families this CPU can run, best first");
+  m.def("set_isa", &fade::cpu::set_isa, "force a kernel family (tests)", py::arg("name"));
+  m.def("cpu_vendor", &fade::cpu::cpu_vendor, "'intel', 'amd' or 'other'");
+  m.def("cpu_has_bf16_dot", &fade::cpu::cpu_has_bf16_dot, "AVX512_BF16 or AMX-BF16 present");
+}

@@ -1,0 +1,311 @@
+// CPU quantized matmul driver: ISA dispatch, activation pre-processing, threading, and the
+// large-M path (dequantize column chunks of W, then the dense GEMM torch already has).
+#include "qmatmul_torch.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+
+#include "fade/bitpack.h"
+#include "qmatmul_cpu.h"
+
+namespace fade {
+namespace cpu {
+namespace {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  // libgcc's cpu model also checks XCR0, i.e. that the OS saves the wider registers.
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return isa == kScalar;
+}
+
+int parse_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) return i;
+  return -1;
+}
+
+int detect_isa() {
+  if (const char* env = std::getenv("FADE_CPU_ISA")) {
+    const int want = parse_isa(env);
+    if (want >= 0 && cpu_has(Isa(want))) return want;  // an unusable request falls back to detection
+  }
+  return cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kScalar;
+}
+
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> isa{detect_isa()};
+  return isa;
+}
+
+// Factor and input index of every bit field of a 32-code run (bitpack.h "Fields"): the
+// activation of field f is x[run * 32 + code(f)] * 2^weight_log2(f).
+struct FieldPlan {
+  int n = 0;
+  int code[bitpack::kFields3 > 32 ? bitpack::kFields3 : 32];
+  float factor[bitpack::kFields3 > 32 ? bitpack::kFields3 : 32];
+};
+
+FieldPlan make_plan(int bits) {
+  FieldPlan p;
+  if (bits == 3) {
+    p.n = bitpack::kFields3;
+    for (int f = 0; f < p.n; ++f) {
+      p.code[f] = bitpack::kFieldTable3[f].code;
+      p.factor[f] = std::ldexp(1.0f, bitpack::field_weight_log2(bitpack::kFieldTable3[f]));
+    }
+  } else {
+    p.n = 32;
+    for (int f = 0; f < p.n; ++f) {
+      const bitpack::Field fl = bitpack::kFieldTable4[f % 8];
+      p.code[f] = f;
+      p.factor[f] = std::ldexp(1.0f, bitpack::field_weight_log2(fl));
+    }
+  }
+  return p;
+}
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+int row_block(int isa) { return isa == kAvx512 ? kRowBlockAvx512 : isa == kAvx2 ? kRowBlockAvx2 : kRowBlockScalar; }
+
+// x -> group means μ, centred fp32 copy x̃ = x − μ (for the portable kernel) and its
+// field-pre-scaled copy, in the row-block-interleaved layout of QGemvArgs.
+template <typename T>
+void prepare_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, int block, float* xf,
+                         float* xs, int64_t ldxs, float* xmean) {
+  static const FieldPlan plan3 = make_plan(3), plan4 = make_plan(4);
+  const FieldPlan& plan = bits == 3 ? plan3 : plan4;
+  const int64_t G = K / group_size;
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t mr = std::min<int64_t>(block, M - m0);
+    float* xsb = xs + m0 * ldxs;
+    float* xmeanb = xmean + m0 * G;
+    for (int64_t i = 0; i < mr; ++i) {
+      const T* xr = x + (m0 + i) * K;
+      float* xc = xf + (m0 + i) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * group_size;
+        // Σ x(q − z) = Σ x̃ q + μ D − z Σ x̃ for any μ; the kernel drops z Σ x̃, which is 0 up to
+        // the rounding of x̃ (an error of the order of rounding x itself).
+        double s = 0.0;
+        for (int64_t k = k0; k < k0 + group_size; ++k) s += to_float(xr[k]);
+        const float mu = float(s / double(group_size));
+        for (int64_t k = k0; k < k0 + group_size; ++k) xc[k] = to_float(xr[k]) - mu;
+        xmeanb[g * mr + i] = mu;
+      }
+      for (int64_t r = 0; r < K / 32; ++r)
+        for (int f = 0; f < plan.n; ++f) xsb[(r * plan.n + f) * mr + i] = xc[r * 32 + plan.code[f]] * plan.factor[f];
+    }
+  }
+}
+
+void run_gemv(const QGemvArgs& a, int64_t T, int isa) {
+  // Large M: sweep the columns once per pass of rows whose pre-scaled activations fit in L2
+  // (~384 KB of the 1-2 MB), so every column tile re-reads them from L2 rather than L3/DRAM,
+  // and the (small) packed weight is what gets re-streamed, once per pass.
+  const int block = row_block(isa);
+  const int64_t budget_rows = (int64_t(384) << 10) / (a.ldxs * int64_t(sizeof(float)));
+  const int64_t pass_rows = std::max<int64_t>(block, budget_rows / block * block);
+  // Split columns only when each thread gets enough work to amortise the fork/join (~ a few µs).
+  const int64_t work_per_tile = a.K * kTileN * std::min(a.M, pass_rows);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work_per_tile, 1));
+  const size_t y_elem = a.y_bf16 ? sizeof(uint16_t) : sizeof(float);
+  for (int64_t m0 = 0; m0 < a.M; m0 += pass_rows) {
+    QGemvArgs p = a;  // rows [m0, m0 + p.M): blocks start at multiples of `block`, so offsets are plain
+    p.M = std::min(pass_rows, a.M - m0);
+    p.x = a.x + m0 * a.K;
+    p.xs = a.xs + m0 * a.ldxs;
+    p.xmean = a.xmean + m0 * a.G;
+    p.y = static_cast<char*>(a.y) + m0 * a.ldy * y_elem;
+    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+      if (isa == kAvx512) qgemv_tiles_avx512(p, t0, t1);
+      else if (isa == kAvx2) qgemv_tiles_avx2(p, t0, t1);
+      else qgemv_tiles_scalar(p, t0, t1);
+    });
+  }
+}
+
+void run_dequant(const DequantArgs& a, int64_t t0, int64_t t1) {
+  const int isa = isa_slot().load(std::memory_order_relaxed);
+  at::parallel_for(t0, t1, 1, [&](int64_t b, int64_t e) {
+    DequantArgs sub = a;
+    // Output columns are relative to t0: shift the base so tile b lands at (b - t0) * kTileN.
+    const int64_t offset = (b - t0) * kTileN;
+    sub.out = a.out_bf16 ? static_cast<void*>(static_cast<uint16_t*>(a.out) + offset)
+                         : static_cast<void*>(static_cast<float*>(a.out) + offset);
+    if (isa == kAvx512) dequant_tiles_avx512(sub, b, e, 0, a.K);
+    else if (isa == kAvx2) dequant_tiles_avx2(sub, b, e, 0, a.K);
+    else dequant_tiles_scalar(sub, b, e, 0, a.K);
+  });
+}
+
+at::Tensor fused(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& dsum,
+                 const c10::optional<at::Tensor>& bias, int bits, int64_t group_size, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, T = words.size(0);
+  const int64_t ldxs = K / 32 * bitpack::fields_per_run(bits);
+  // One scratch allocation for the three activation buffers (x̃ fp32, pre-scaled x̃, group means).
+  at::Tensor scratch = at::empty({M * (K + ldxs + G)}, x.options().dtype(at::kFloat));
+  float* xf = scratch.data_ptr<float>();
+  float* xs = xf + M * K;
+  float* xmean = xs + M * ldxs;
+  // Read the kernel family once: the activation layout depends on its row block.
+  const int isa = isa_slot().load(std::memory_order_relaxed);
+  const int block = row_block(isa);
+  if (x.scalar_type() == at::kFloat)
+    prepare_activations(x.data_ptr<float>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
+  else if (x.scalar_type() == at::kBFloat16)
+    prepare_activations(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
+  else prepare_activations(x.data_ptr<at::Half>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
+
+  // bf16 output is written by the kernel epilogue; fp16 goes through fp32 (rare on CPU).
+  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  QGemvArgs a;
+  a.x = xf;
+  a.xs = xs;
+  a.ldxs = ldxs;
+  a.xmean = xmean;
+  a.words = words.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.dsum = dsum.data_ptr<int16_t>();
+  a.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.ldy = N;
+  a.y_bf16 = out_bf16;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.G = G;
+  a.group_size = group_size;
+  a.bits = bits;
+  run_gemv(a, T, isa);
+  return x.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
+}
+
+// Columns per dequantized chunk: the whole W^T when it is at most ~32 MB (one GEMM call is the
+// fastest and the buffer is no larger than a 1500 x 5120 activation), else the widest multiple of
+// kTileN that fits, so memory stays bounded for huge layers.
+int64_t chunk_columns(int64_t K, int64_t N, int64_t elem_bytes) {
+  const int64_t budget = int64_t(32) << 20;
+  const int64_t padded = (N + kTileN - 1) / kTileN * kTileN;
+  if (K * padded * elem_bytes <= budget) return padded;
+  return std::max<int64_t>(kTileN, budget / (K * elem_bytes) / kTileN * kTileN);
+}
+
+at::Tensor dequant_gemm(const at::Tensor& x_in, const at::Tensor& words, const at::Tensor& scales,
+                        const at::Tensor& zeros, const c10::optional<at::Tensor>& bias, int bits, int64_t group_size,
+                        int64_t N, int64_t chunk_cols) {
+  // bf16 activations multiply a bf16 weight (what F.linear in bf16 does, and the bf16 GEMM is
+  // ~2-4x faster than fp32 where AVX512_BF16/AMX exist); fp32 and fp16 use an fp32 GEMM.
+  const bool use_bf16 = x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor x = use_bf16 || x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, T = words.size(0);
+  const auto wdtype = use_bf16 ? at::kBFloat16 : at::kFloat;
+  const int64_t padded = (N + kTileN - 1) / kTileN * kTileN;
+  const int64_t cols = chunk_cols > 0 ? std::min(padded, (chunk_cols + kTileN - 1) / kTileN * kTileN)
+                                      : chunk_columns(K, N, use_bf16 ? 2 : 4);
+  at::Tensor wt = at::empty({K, cols}, x.options().dtype(wdtype));  // W^T chunk, row-major
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(wdtype);
+
+  DequantArgs a;
+  a.words = words.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.zeros = zeros.data_ptr<uint8_t>();
+  a.K = K;
+  a.G = G;
+  a.group_size = group_size;
+  a.bits = bits;
+  a.out = wt.data_ptr();
+  a.ldo = cols;
+  a.out_bf16 = use_bf16;
+  const int64_t tiles_per_chunk = cols / kTileN;
+  for (int64_t t0 = 0; t0 < T; t0 += tiles_per_chunk) {
+    const int64_t t1 = std::min(T, t0 + tiles_per_chunk);
+    const int64_t n0 = t0 * kTileN, nb = std::min(N, t1 * kTileN) - n0;
+    run_dequant(a, t0, t1);
+    at::Tensor wchunk = wt.narrow(1, 0, nb);
+    // A column slice of row-major y has unit column stride: BLAS writes into it in place.
+    at::Tensor ychunk = nb == N ? y : y.narrow(1, n0, nb);
+    if (b.defined()) at::addmm_out(ychunk, b.narrow(0, n0, nb), x, wchunk);
+    else at::mm_out(ychunk, x, wchunk);
+  }
+  return x_in.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
+}
+
+}  // namespace
+
+std::string active_isa() { return kIsaNames[isa_slot().load()]; }
+
+std::string cpu_vendor() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+#endif
+  return "other";
+}
+
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 2; i >= 0; --i)
+    if (cpu_has(Isa(i))) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const int isa = parse_isa(name);
+  TORCH_CHECK(isa >= 0, "isa must be one of 'avx512', 'avx2', 'scalar', got '", name, "'");
+  TORCH_CHECK(cpu_has(Isa(isa)), "isa '", name, "' is not supported by this CPU");
+  isa_slot().store(isa);
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                   const at::Tensor& dsum, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
+                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols) {
+  const bool use_fused = path == "fused" || (path == "auto" && x.size(0) <= fused_max_m);
+  if (x.size(0) == 0) return at::empty({0, out_features}, x.options());
+  if (use_fused) return fused(x, words, scales, dsum, bias, int(bits), group_size, out_features);
+  return dequant_gemm(x, words, scales, zeros, bias, int(bits), group_size, out_features, chunk_cols);
+}
+
+at::Tensor dequantize_t(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                        int64_t group_size, int64_t out_features) {
+  const int64_t T = words.size(0), K = words.size(1) * 32 / bits;
+  at::Tensor wt = at::empty({K, T * kTileN}, words.options().dtype(at::kFloat));
+  DequantArgs a;
+  a.words = words.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.zeros = zeros.data_ptr<uint8_t>();
+  a.K = K;
+  a.G = K / group_size;
+  a.group_size = group_size;
+  a.bits = int(bits);
+  a.out = wt.data_ptr();
+  a.ldo = T * kTileN;
+  a.out_bf16 = false;
+  run_dequant(a, 0, T);
+  return wt.narrow(1, 0, out_features);
+}
+
+}  // namespace cpu
+}  // namespace fade

@@ -1,0 +1,86 @@
+// Torch-free interface between the torch-facing driver (qmatmul_cpu.cpp) and the per-ISA
+// kernels (qgemv_avx512.cpp, qgemv_avx2.cpp, qgemv_scalar.cpp).
+//
+// The kernels consume the CPU "tiled" repack of the GPTQ tensors (fade_kernels/ops/cpu.py,
+// repack_for_cpu), with T = ceil(N / kTileN) column tiles, Kw = K * bits / 32, G groups:
+//   words  int32   [T, Kw, kTileN]  qweight's words, columns padded with 0 to T * kTileN, so each
+//                                   tile's whole K extent is one contiguous stream (the GPTQ
+//                                   layout [Kw, N] would stride every row by N * 4 bytes)
+//   scales float16 [T, G, kTileN]   (raw IEEE half bits, read as uint16_t)
+//   zeros  uint8   [T, G, kTileN]   unpacked zero points z (v2 convention: the true zero)
+//   dsum   int16   [T, G, kTileN]   D = Σ_{k in group} (q_k − z): the fused kernel's zero term
+// Groups here are the kernel's groups: the checkpoint's groups, split into pieces of at most
+// 128 inputs when larger (full-row groups), with the scale and zero repeated. Short groups keep
+// fp32 partial sums short (full-row groups of 5120 had 3x torch's error with 512-input pieces,
+// 1-1.6x with 128) and |D| <= 128 * 15 well within int16.
+// Padded columns have code 0, scale 0, zero 0 and D 0, so they contribute exactly 0.
+#pragma once
+
+#include <stdint.h>
+
+// Kernel helpers must inline into their ISA-targeted callers to keep vectors in registers.
+#define FADE_INLINE inline __attribute__((always_inline))
+
+namespace fade {
+namespace cpu {
+
+// Columns per tile: two AVX-512 vectors or four AVX2 vectors of fp32.
+constexpr int kTileN = 32;
+
+// Arguments of the fused small-M kernel. Row-major everywhere; M rows of activations.
+struct QGemvArgs {
+  // Rows are processed in blocks of row_block(isa) rows (the last block may be shorter: mr
+  // rows). The centred, pre-scaled activations and the group means are stored per block,
+  // interleaved by row:
+  const float* x;       // [M, K] group-centred fp32 activations x̃ = x − μ (the portable kernel)
+  const float* xs;      // block at row m0: xs[m0 * ldxs + f * mr + (m - m0)], f < ldxs: x̃
+                        //   pre-scaled per bit field (bitpack.h "Fields"), ldxs = K/32 * fields_per_run
+  int64_t ldxs;
+  const float* xmean;   // block at row m0: xmean[m0 * G + g * mr + (m - m0)] = μ, mean of x over group g
+  const int32_t* words; // [T, Kw, kTileN]
+  const uint16_t* scales;  // [T, G, kTileN] fp16 bits
+  const int16_t* dsum;     // [T, G, kTileN]
+  const float* bias;    // [N] fp32 or nullptr
+  void* y;              // [M, ldy] fp32, or bf16 bits when y_bf16
+  int64_t ldy;
+  bool y_bf16;
+  int64_t M, K, N, G, group_size;
+  int bits;             // 3 or 4
+};
+
+// Rows per block of each kernel family (the register tile height of its fused kernel).
+constexpr int kRowBlockAvx512 = 8;
+constexpr int kRowBlockAvx2 = 4;
+constexpr int kRowBlockScalar = 1;
+
+// y[:, tiles t0..t1) = x @ dequant(W)^T + bias for column tiles [t0, t1). Thread-safe for
+// disjoint tile ranges (each call writes only its own columns).
+void qgemv_tiles_avx512(const QGemvArgs& a, int64_t t0, int64_t t1);
+void qgemv_tiles_avx2(const QGemvArgs& a, int64_t t0, int64_t t1);
+void qgemv_tiles_scalar(const QGemvArgs& a, int64_t t0, int64_t t1);
+
+// Arguments of the tile dequantizer used for large M (then a dense GEMM).
+struct DequantArgs {
+  const int32_t* words;    // [T, Kw, kTileN]
+  const uint16_t* scales;  // [T, G, kTileN]
+  const uint8_t* zeros;    // [T, G, kTileN]
+  int64_t K, G, group_size;
+  int bits;
+  void* out;               // [K, ldo] fp32 (or bf16 bits when out_bf16): tile t0 + i lands in
+  int64_t ldo;             //   columns [i * kTileN, (i + 1) * kTileN)
+  bool out_bf16;
+};
+
+// out[k, c] = (q[k, c] - z[g(k), c]) * s[g(k), c] for tiles [t0, t1), rows [k0, k1)
+// (k0, k1 multiples of group_size). Bit-exact with the torch reference's fp32 weight:
+// q - z is an exact small integer and the product is rounded once.
+void dequant_tiles_avx512(const DequantArgs& a, int64_t t0, int64_t t1, int64_t k0, int64_t k1);
+void dequant_tiles_avx2(const DequantArgs& a, int64_t t0, int64_t t1, int64_t k0, int64_t k1);
+void dequant_tiles_scalar(const DequantArgs& a, int64_t t0, int64_t t1, int64_t k0, int64_t k1);
+
+// Portable helpers shared by the kernels (defined in qgemv_scalar.cpp).
+float half_to_float(uint16_t h);
+uint16_t float_to_bf16(float f);  // round to nearest even, NaN stays NaN
+
+}  // namespace cpu
+}  // namespace fade

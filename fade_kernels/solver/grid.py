@@ -5,7 +5,9 @@ Symmetric:  z = 2^(b-1),                s = max|w| / (2^(b-1) - 1).
 Code q = clamp(round(w / s) + z, 0, 2^b - 1); value (q - z) * s.
 
 Scales are rounded to float16 here, at the source, because checkpoints store them as float16:
-the solver then optimises against exactly the grid that inference will use.
+the solver then optimises against exactly the grid that inference will use. They round up,
+never down: a scale that shrank would push the group's extreme weights past the last code,
+where the clamp costs up to (2^b - 1) * 2^-11 of a step (an eighth of a step at 8 bits).
 """
 from __future__ import annotations
 
@@ -45,10 +47,18 @@ def compute_grid(weight: torch.Tensor, bits: int, sym: bool = False) -> Grid:
         degenerate = wmax == wmin
         zeros = None
     scales = torch.where(degenerate, torch.ones_like(scales), scales)
-    scales = scales.clamp(min=_MIN_FP16_SCALE).half().float()
+    scales = _round_up_to_float16(scales.clamp(min=_MIN_FP16_SCALE))
     if zeros is None:
         zeros = torch.round(-wmin / scales).clamp(0, maxq)
     return Grid(scales, zeros)
+
+
+def _round_up_to_float16(values: torch.Tensor) -> torch.Tensor:
+    """The smallest float16-representable value >= each positive float32 value."""
+    rounded = values.half()
+    below = rounded.float() < values
+    bumped = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    return torch.where(below, bumped, rounded).float()
 
 
 def quantize_to_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:

@@ -48,3 +48,12 @@ def test_rtn_rejects_bad_arguments():
         rtn_quantize(torch.randn(4, 64), group_size=48)
     with pytest.raises(ValueError, match="group_size=128 does not divide the input width in_features=288"):
         rtn_quantize(torch.randn(4, 288), group_size=128)
+
+
+def test_scales_round_up_so_the_range_is_covered():
+    weight = torch.randn(64, 32)
+    scales, _ = compute_grid(weight, bits=8)
+    wmin = weight.amin(1, keepdim=True).clamp(max=0)
+    wmax = weight.amax(1, keepdim=True).clamp(min=0)
+    assert ((wmax - wmin) / 255 <= scales).all()
+    assert ((wmax - wmin) / 255 > torch.nextafter(scales.half(), torch.zeros_like(scales.half())).float()).all()

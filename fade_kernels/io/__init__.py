@@ -10,6 +10,9 @@ from fade_kernels.io.checkpoint import (
     save_quantized,
 )
 from fade_kernels.io.gptq_format import GPTQ_CHECKPOINT_FORMATS, export_gptq, import_gptq
+# Registers quant_method "fade" with transformers, so from_pretrained loads our checkpoints
+# into QuantLinear layers instead of silently building random nn.Linear ones.
+from fade_kernels.io import hf_quantizer as _hf_quantizer  # noqa: F401
 
 __all__ = [
     "GPTQ_CHECKPOINT_FORMATS",

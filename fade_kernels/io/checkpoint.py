@@ -38,8 +38,9 @@ Usage:
   asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                  feature_extractor=processor.feature_extractor)
 
-Do not open these directories with AutoModel*.from_pretrained: transformers does not know
-quant_method "fade", warns, skips quantization and returns randomly initialised nn.Linear layers.
+AutoModel*.from_pretrained also opens these directories once `fade_kernels.io` is imported
+(it registers quant_method "fade" with transformers; see hf_quantizer.py). Without that import
+transformers does not know "fade", warns, and returns randomly initialised nn.Linear layers.
 
 Loading builds the model from config.json with every nn.Parameter on the meta device (nothing
 allocated or randomly initialised; buffers such as rotary `inv_freq` are computed for real),
@@ -136,6 +137,8 @@ def build_quantization_config(model: nn.Module, quant_config: dict | Any | None 
 
     modules = {name: module_spec(layer) for name, layer in layers.items()}
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(previous, "to_dict"):   # a FadeQuantConfig when loaded through from_pretrained
+        previous = previous.to_dict()
     out: dict[str, Any] = {}
     if isinstance(previous, dict) and previous.get("quant_method") == FADE_QUANT_METHOD:
         out.update({k: v for k, v in previous.items() if k not in _RESERVED_KEYS})

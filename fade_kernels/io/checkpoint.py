@@ -415,15 +415,22 @@ def build_empty_model(config_dict: dict[str, Any], source: Path, modules: dict[s
             raise CheckpointError(f"{source}: quantized module {name!r} does not exist in {cls.__name__}") from exc
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{source}: quantized module {name!r} is a {type(linear).__name__}, not nn.Linear")
-        try:
-            with torch.device("meta"):  # buffers are replaced by the checkpoint's tensors below
-                layer = QuantLinear(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
-                                    bias=linear.bias is not None, sym=spec["sym"])
-        except ValueError as exc:
-            raise CheckpointError(f"{source}: cannot build quantized module {name!r}: {exc}") from exc
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        swap_in_meta_quant_linear(model, name, linear, spec, source)
     return model
+
+
+def swap_in_meta_quant_linear(model: nn.Module, name: str, linear: nn.Linear, spec: dict, source: str) -> None:
+    """Replace model.<name> (the nn.Linear `linear`) by an empty QuantLinear built from `spec`
+    ({"bits", "group_size", "sym"}) on the meta device; the checkpoint's tensors fill it later.
+    A spec QuantLinear refuses becomes a CheckpointError naming `source` and the module."""
+    try:
+        with torch.device("meta"):
+            layer = QuantLinear(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
+                                bias=linear.bias is not None, sym=spec["sym"])
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: cannot build quantized module {name!r}: {exc}") from exc
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def validate_modules(modules: Any, source: Path) -> dict[str, dict[str, Any]]:

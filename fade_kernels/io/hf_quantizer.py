@@ -53,6 +53,7 @@ from fade_kernels.io.checkpoint import (
     CheckpointError,
     check_fade_config,
     quantized_modules,
+    swap_in_meta_quant_linear,
 )
 from fade_kernels.nn.quant_linear import QuantLinear
 
@@ -151,14 +152,7 @@ class FadeHfQuantizer(HfQuantizer):
             if name in tied:
                 raise CheckpointError(f"{CONFIG_NAME}: quantized module {saved_name!r} shares its weight with "
                                       f"another module (tied); tied layers must stay full precision")
-            try:
-                with torch.device("meta"):  # the checkpoint's tensors replace these buffers
-                    layer = QuantLinear(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
-                                        bias=linear.bias is not None, sym=spec["sym"])
-            except ValueError as exc:
-                raise CheckpointError(f"{CONFIG_NAME}: cannot build quantized module {saved_name!r}: {exc}") from exc
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            swap_in_meta_quant_linear(model, name, linear, spec, CONFIG_NAME)
             resolved[name] = saved_name
         self.modules_to_quantize = resolved
         if checkpoint_files:

@@ -119,7 +119,7 @@ def cmd_eval(args) -> int:
     print(f"WER {100 * result['wer']:.2f}% on {result['n_utts']} utterances "
           f"({result['audio_seconds'] / 60:.1f} min of audio), RTF {result['rtf']:.3f}")
     for subset, value in sorted(result.get("subsets", {}).items()):
-        print(f"  {subset:12s} WER {100 * value['wer']:.2f}% ({value['n_utts']} utts)")
+        print(f"  {subset:12s} WER {100 * value['wer']:.2f}% ({value['n_scored']} utts)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return 0

@@ -48,3 +48,23 @@ def test_info_lists_the_reference_backend(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "available" in out
+
+
+def test_eval_prints_overall_and_per_subset(capsys, tmp_path, monkeypatch):
+    import fade_kernels.cli as cli
+    import fade_kernels.eval.decode as decode
+    from fade_kernels.eval.wer import wer_report
+    from fade_kernels.data.corpus import Utterance
+
+    utts = [Utterance("a", tmp_path / "a.wav", "hello world", "piper"), Utterance("b", tmp_path / "b.wav", "good day", "noisy")]
+    report = wer_report(utts, ["hello word", "good day"])     # 1 error in 4 words
+    report.update(n_utts=2, audio_seconds=6.0, decode_seconds=1.5, rtf=0.25)
+    monkeypatch.setattr(cli, "_load_model", lambda spec: (None, None))
+    monkeypatch.setattr(decode, "evaluate", lambda *a, **k: report)
+    monkeypatch.setattr("fade_kernels.data.corpus.load_corpus", lambda path: utts)
+    out_json = tmp_path / "r.json"
+    assert main(["eval", "--model", "m", "--manifest", "x.jsonl", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "WER 25.00% on 2 utterances" in out
+    assert "piper        WER 50.00% (1 utts)" in out and "noisy        WER 0.00% (1 utts)" in out
+    assert json.loads(out_json.read_text())["wer"] == pytest.approx(0.25)

@@ -5,20 +5,20 @@ native extension `fade_kernels._C` is missing or fails to load, the backend is r
 unavailable with the reason, and nothing raises at import.
 
 Two paths, chosen by the row count M of the flattened activation and its dtype:
-  M <= fused_max_m(dtype)  fused kernel (csrc/cpu/qgemv_simd.inc): reads each packed word once, keeps
-                    Σ x̃*q per group in fp32 over group-centred activations x̃ = x - μ and applies
-                    the group's scale and zero term once: y += s * (Σ x̃*q + μ * D), with
-                    D = Σ (q - z) precomputed at repack. AVX-512 / AVX2 / portable, picked at run time.
-  larger M           dequantize W^T in column chunks to fp32 (bf16 for bf16 activations) and
-                     multiply with torch's dense GEMM (MKL / oneDNN).
-The fused kernel runs at ~90% of the FMA peak from M = 8 up (AVX-512), so for fp32 it stays ahead
-of a dense GEMM wherever MKL runs AVX2 kernels, which is every non-Intel CPU: on the Zen 5 test
-machine it is 2x faster than fp32 F.linear at M = 1500. The thresholds, set at import (override
-with the environment variables FADE_CPU_FUSED_MAX_M and FADE_CPU_FUSED_MAX_M_BF16):
-  float32/float16  unlimited on non-Intel CPUs; 64 on Intel, where MKL's AVX-512 sgemm is at peak
-                   (a conservative guess: not measured here)
-  bfloat16         48 when the CPU has AVX512_BF16/AMX (oneDNN's bf16 GEMM is then ~4x faster than
-                   any fp32-FMA kernel at large M; measured crossover 48-64), else as float32
+  M <= fused_max_m(dtype)  fused kernel (csrc/cpu/qgemv_simd.inc): reads each packed word once,
+      accumulates Σ x̃*q per group in fp32 over group-centred activations x̃ = x - μ and applies
+      the group's scale and zero term once: y += s * (Σ x̃*q + μ * D), with D = Σ (q - z)
+      precomputed at repack. AVX-512 / AVX2 / portable, picked at run time.
+  larger M  dequantize W^T in column chunks to fp32 (bf16 for bf16 activations) and multiply
+      with torch's dense GEMM (MKL / oneDNN).
+The fused kernel runs near the FMA peak once M >= 8 (~200 GFLOP/s per Zen 5 core, AVX-512), so
+for fp32 it stays ahead of the dense GEMM wherever MKL runs AVX2 kernels, i.e. on non-Intel CPUs:
+on the Zen 5 test machine it is ~2x faster than fp32 F.linear at M = 1500. The thresholds are set
+at import (override with the environment variables FADE_CPU_FUSED_MAX_M, FADE_CPU_FUSED_MAX_M_BF16):
+  float32/float16  unlimited on non-Intel CPUs; 64 on Intel, where MKL's AVX-512 sgemm should be
+                   at peak (a conservative guess, not measured: no Intel machine was available)
+  bfloat16         48 when the CPU has AVX512_BF16/AMX (oneDNN's bf16 GEMM is then ~4x faster
+                   than any fp32-FMA kernel at large M; measured crossover 48-64), else as float32
 
 Both consume a load-time repack of the GPTQ tensors (`repack_for_cpu`), the "tiled" layout:
   words  int32   [T, K*bits/32, 32]  qweight's words, column tile t = columns 32t..32t+31,
@@ -27,10 +27,12 @@ Both consume a load-time repack of the GPTQ tensors (`repack_for_cpu`), the "til
   zeros  uint8   [T, Gk, 32]         unpacked zero points (true zeros z, "v2"), per kernel group
   dsum   int16   [T, Gk, 32]         D = Σ_{k in group} (q_k - z) per kernel group
 with T = ceil(N / 32); padded columns hold code 0, scale 0, zero 0, D 0. Kernel groups are the
-checkpoint's groups split into pieces of at most KERNEL_GROUP_MAX inputs (only full-row groups are
-split; their scale and zero are repeated), which bounds |D| for int16 and the length of fp32
-partial sums. `unpack_from_cpu` inverts the repack bit-exactly. `cpu_forward` (the registry entry, reference_forward's signature) caches the repack
-per (qweight, qzeros, scales, g_idx) tensor identity and version, so repeated calls on a layer pay
+checkpoint's groups split into pieces of at most KERNEL_GROUP_MAX inputs (only full-row groups
+are larger; their scale and zero are repeated per piece), which bounds |D| for int16 and the
+length of fp32 partial sums. `unpack_from_cpu` inverts the repack bit-exactly.
+
+`cpu_forward` (the registry entry, reference_forward's signature) caches the repack per
+(qweight, qzeros, scales, g_idx) tensor identity and version, so repeated calls on a layer pay
 for it once; a caller that owns the layer can instead keep the result of `repack_for_cpu` and
 call `cpu_forward_packed`.
 """
@@ -87,14 +89,14 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+# Largest row count served by the fused kernel for float32/float16 and for bfloat16 activations
+# (see the module docstring for how the defaults are chosen).
 _UNLIMITED = 2 ** 62
 if _C is not None:
     FUSED_MAX_M = _env_int("FADE_CPU_FUSED_MAX_M", 64 if _C.cpu_vendor() == "intel" else _UNLIMITED)
     FUSED_MAX_M_BF16 = _env_int("FADE_CPU_FUSED_MAX_M_BF16", 48 if _C.cpu_has_bf16_dot() else FUSED_MAX_M)
 else:
     FUSED_MAX_M = FUSED_MAX_M_BF16 = 0
-"""Largest row count served by the fused kernel for float32/float16 and for bfloat16 activations
-(see the module docstring for how the defaults are chosen)."""
 
 
 def fused_max_m(dtype: torch.dtype) -> int:

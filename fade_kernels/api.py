@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -32,13 +32,31 @@ from fade_kernels.solver.rtn import rtn_quantize
 
 @dataclass
 class LayerReport:
-    """One quantized linear layer: relative output error on calibration inputs,
-    sqrt(tr(dW H dW^T) / tr(W H W^T)), where dW = W - W_hat and H its input's Hessian."""
+    """Diagnostics of one quantized linear layer, all measured on the calibration rows.
+
+    rel_output_error: local error sqrt(tr(dW H dW^T) / tr(W H W^T)) with dW = W - W_hat and H the
+      quantized chain's input Gram matrix (what GPTQ minimises).
+    The fields below need the full-precision chain (QEP/FADE, or track_fp_error=True); else None:
+    rel_error_fp: ||W X - W_hat X_hat|| / ||W X||, the error against the full-precision output.
+    rel_error_fp_uncorrected: the same for the alpha = 0 solution (plain GPTQ/RTN of W), i.e.
+      "before" the correction; equals rel_error_fp when alpha = 0.
+    propagated_error: ||W delta|| / ||W X||, the upstream error this layer inherits (delta = X - X_hat).
+    alpha: propagation strength used; rho: FADE's cross-fitted reliability in [0, 1];
+    vulnerability: FADE's grid-noise term q(alpha) / q(0) at the chosen alpha (1.0 at alpha = 0).
+    """
 
     name: str
     shape: tuple[int, int]
     rel_output_error: float
     valid_row_fraction: float
+    stack: str = ""
+    block: int = -1
+    rel_error_fp: float | None = None
+    rel_error_fp_uncorrected: float | None = None
+    propagated_error: float | None = None
+    alpha: float | None = None
+    rho: float | None = None
+    vulnerability: float | None = None
 
 
 @dataclass
@@ -56,7 +74,25 @@ class QuantizationReport:
                  f"{self.config['bits']}-bit g{self.config['group_size']} on {self.n_calib} utterances "
                  f"in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
                  f"relative output error: mean {mean:.4f}, max {max(errors, default=0):.4f}"]
+        fp_errors = [layer.rel_error_fp for layer in self.layers if layer.rel_error_fp is not None]
+        if fp_errors:
+            lines.append(f"error against the full-precision output: mean {sum(fp_errors) / len(fp_errors):.4f}, "
+                         f"last layer {fp_errors[-1]:.4f}")
+        alphas = [layer.alpha for layer in self.layers if layer.alpha is not None]
+        if alphas:
+            lines.append(f"alpha: mean {sum(alphas) / len(alphas):.3f}, min {min(alphas):.3f}, max {max(alphas):.3f}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (config, seconds, peak_rss_mb, n_calib, layers as dicts)."""
+        return {"config": self.config, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "n_calib": self.n_calib, "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantizationReport":
+        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data.get("layers", [])]
+        return cls(config=data["config"], layers=layers, seconds=data.get("seconds", 0.0),
+                   peak_rss_mb=data.get("peak_rss_mb", 0.0), n_calib=data.get("n_calib", 0))
 
 
 def _peak_rss_mb() -> float:

@@ -5,7 +5,14 @@ from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
-SUPPORTED_METHODS = ("rtn", "gptq")
+# Base solvers and their error-propagating variants (background §4-§6):
+#   rtn, gptq        quantize W on the quantized chain's inputs
+#   awq, awq-gptq    activation-aware input-channel scales, then RTN / GPTQ
+#   qep, qep-rtn, qep-awq   W*(alpha) = W + alpha W G (H + lq I)^-1 with one global alpha, then GPTQ / RTN / AWQ
+#   fade, fade-rtn   like qep / qep-rtn with a per-layer alpha chosen from diagnostics (§6)
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
+PROPAGATING_METHODS = ("qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
+FADE_RULES = ("both", "reliability", "vulnerability")
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,13 @@ class QuantConfig:
     2^(bits-1)); asymmetric is the default because at 3 bits a symmetric grid wastes a level.
     act_order: GPTQ visits columns by decreasing Hessian diagonal, with static groups.
     block_size: GPTQ lazy-update block width. damp: GPTQ damping as a fraction of mean diag H.
+    alpha: QEP's global propagation strength in [0, 1] (qep* methods).
+    qep_damp: QEP's ridge lambda_q as a fraction of mean diag H-hat (1.0 as in the QEP paper's code).
+    qep_exclude: layer roles/names that get alpha = 0 under QEP; "mlp_out" is each family's MLP
+    output projection (Whisper fc2), as in the QEP reference defaults.
+    fade_rule: FADE's alpha rule: "both" (reliability + vulnerability, the default) or an
+    ablation that keeps one of the two terms.
+    awq_grid: number of AWQ exponents searched in [0, 1).
     """
 
     method: str = "gptq"
@@ -27,6 +41,22 @@ class QuantConfig:
     block_size: int = 128
     damp: float = 0.01
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    alpha: float = 0.5
+    qep_damp: float = 1.0
+    qep_exclude: tuple[str, ...] = ("mlp_out",)
+    fade_rule: str = "both"
+    awq_grid: int = 20
+
+    @property
+    def propagates(self) -> bool:
+        """True when the method runs the full-precision chain (QEP and FADE)."""
+        return self.method in PROPAGATING_METHODS
+
+    @property
+    def base_solver(self) -> str:
+        """The solver that finally quantizes the (possibly corrected) weight: rtn, gptq or awq(-gptq)."""
+        return {"qep": "gptq", "qep-rtn": "rtn", "qep-awq": "awq", "fade": "gptq", "fade-rtn": "rtn"}.get(
+            self.method, self.method)
 
     def __post_init__(self) -> None:
         validate_grid_args(self.bits, self.group_size)
@@ -36,10 +66,21 @@ class QuantConfig:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not (0.0 <= self.damp < 1.0):
             raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not self.qep_damp > 0.0:
+            raise ValueError(f"qep_damp must be positive, got {self.qep_damp!r}")
+        if self.fade_rule not in FADE_RULES:
+            raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
+        if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
+            raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
+        object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["skip_modules"] = list(self.skip_modules)
+        out["qep_exclude"] = list(self.qep_exclude)
         return out
 
 

@@ -33,7 +33,12 @@ fp32 activations use IEEE fp32 dot products unless torch.backends.cuda.matmul.al
 the same rule torch's own fp32 matmul follows.
 
 On a GPU both kernels are autotuned (key: shapes, bits, M bucket); under the interpreter a
-single fixed, small config is used because the interpreter runs every config it is given.
+single fixed, small config is used because autotuning would run every config in Python.
+
+Status: correct under the interpreter (tests/ops/test_triton_qmatmul.py) and compiled for sm_90
+without a GPU (triton_compile_check.py: `.target sm_90a`, wgmma in the fp16/bf16 GEMM, no
+register spills in the GEMV configs the launcher can pick). Never run on a real GPU: the config
+lists are plausible defaults, not measured choices, and there are no speed numbers yet.
 """
 from __future__ import annotations
 
@@ -494,5 +499,7 @@ def _supports(m: int, bits: int, group_size: int, device: str) -> bool:
 
 
 _AVAILABLE, _WHY = triton_available()
+if not _AVAILABLE:
+    logger.info("Triton backend unavailable: %s", _WHY)
 register_backend(Backend(name="triton", fn=triton_forward, devices=("cuda",), bits=TRITON_BITS, priority=20,
                          available=_AVAILABLE, why_unavailable=_WHY, supports=_supports))

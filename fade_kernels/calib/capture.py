@@ -88,3 +88,86 @@ def hessian_hook(accumulator: HessianAccumulator, mask_ref: dict, mask_key: str)
         accumulator.add(args[0].detach(), mask_ref[mask_key])
 
     return hook
+
+
+class GramAccumulator:
+    """Running Gram matrices of one input group over valid rows, float32 sums, split in halves.
+
+    Always: H-hat = X-hat^T X-hat (rows as tokens) and sum |x-hat| per input channel (for AWQ).
+    With the full-precision chain (with_error=True) also G = delta^T X-hat and D = delta^T delta,
+    delta = X - X-hat. Rows are added to half 0 or 1 (FADE's cross-fitting halves, by utterance);
+    with n_halves=1 everything goes to one half. The GEMM order of the single-half case is the
+    same as HessianAccumulator's, so plain GPTQ gets the same Hessian bit for bit.
+    """
+
+    def __init__(self, width: int, with_error: bool = False, n_halves: int = 1):
+        if n_halves not in (1, 2):
+            raise ValueError(f"n_halves must be 1 or 2, got {n_halves!r}")
+        self.width, self.with_error, self.n_halves = width, with_error, n_halves
+        self.h = [torch.zeros(width, width) for _ in range(n_halves)]
+        self.g = [torch.zeros(width, width) for _ in range(n_halves)] if with_error else None
+        self.d = [torch.zeros(width, width) for _ in range(n_halves)] if with_error else None
+        self.abs_sum = torch.zeros(width, dtype=torch.float64)
+        self.rows = [0] * n_halves
+        self.total_rows = 0
+
+    def add(self, x_hat: torch.Tensor, delta: torch.Tensor | None = None, half: torch.Tensor | None = None,
+            total_rows: int | None = None) -> None:
+        """x_hat: float32 (R, K) valid rows of the quantized chain; delta: float32 (R, K) = X - X-hat rows
+        (required when with_error); half: int64 (R,) in {0, 1} (required when n_halves = 2);
+        total_rows: rows before masking (for the kept fraction), default R."""
+        if x_hat.dim() != 2 or x_hat.shape[1] != self.width:
+            raise ValueError(f"x_hat must be (R, {self.width}), got {tuple(x_hat.shape)}")
+        if self.with_error and (delta is None or delta.shape != x_hat.shape):
+            raise ValueError("delta with x_hat's shape is required when the full-precision chain is tracked")
+        self.total_rows += x_hat.shape[0] if total_rows is None else total_rows
+        self.abs_sum += x_hat.abs().sum(dim=0, dtype=torch.float64)
+        for index in range(self.n_halves):
+            if self.n_halves == 1:
+                rows, err = x_hat, delta
+            else:
+                if half is None:
+                    raise ValueError("half ids are required with two halves")
+                pick = half == index
+                rows = x_hat[pick]
+                err = delta[pick] if delta is not None else None
+            if rows.shape[0] == 0:
+                continue
+            self.h[index].addmm_(rows.t(), rows)
+            if self.with_error:
+                self.g[index].addmm_(err.t(), rows)
+                self.d[index].addmm_(err.t(), err)
+            self.rows[index] += rows.shape[0]
+
+    def _stats(self, halves: list[int]):
+        from fade_kernels.solver.fade import GramStats
+
+        rows = sum(self.rows[i] for i in halves)
+        if rows == 0:
+            raise RuntimeError("no valid calibration rows reached this layer" if len(halves) > 1 or self.n_halves == 1
+                               else "a cross-fitting half received no calibration rows (need at least 2 utterances)")
+
+        def mean(mats):
+            if mats is None:
+                return None
+            total = mats[halves[0]] if len(halves) == 1 else sum(mats[i] for i in halves)
+            return total / rows
+
+        return GramStats(mean(self.h), mean(self.g), mean(self.d), rows)
+
+    def stats(self):
+        """GramStats over all rows (means)."""
+        return self._stats(list(range(self.n_halves)))
+
+    def half_stats(self, index: int):
+        """GramStats of one half (0 or 1)."""
+        return self._stats([index])
+
+    @property
+    def act_mean_abs(self) -> torch.Tensor:
+        """mean |x-hat| per input channel, float32 (K,)."""
+        return (self.abs_sum / max(sum(self.rows), 1)).float()
+
+    @property
+    def valid_fraction(self) -> float:
+        return sum(self.rows) / max(self.total_rows, 1)

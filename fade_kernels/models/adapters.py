@@ -22,10 +22,20 @@ ENCODER_FRAMES = "encoder"
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """Linear layers (names relative to the block) that read one input, solved together."""
+    """Linear layers (names relative to the block) that read one input, solved together.
+
+    role: what the group is in the block ("attn_qkv", "attn_out", "cross_q", "cross_kv",
+    "cross_out", "mlp_in", "mlp_out"); QEP's default exclusion names the role "mlp_out".
+    scale_into: where AWQ's input-channel scale 1/s can be folded exactly, relative to the block:
+    a LayerNorm feeding only this group (its weight and bias are divided), or the attention's
+    v_proj whose output rows are this group's input channels (its rows are divided). None: the
+    input comes through a nonlinearity or is shared with other blocks, so AWQ leaves it unscaled.
+    """
 
     names: tuple[str, ...]
     mask: str = OWN_TOKENS
+    role: str = ""
+    scale_into: str | None = None
 
 
 class ModelAdapter:
@@ -94,19 +104,21 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 class WhisperAdapter(ModelAdapter):
     family = "whisper"
     encoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        LinearGroup(("self_attn.out_proj",)),
-        LinearGroup(("fc1",)),
-        LinearGroup(("fc2",)),
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
+                    scale_into="self_attn_layer_norm"),
+        LinearGroup(("self_attn.out_proj",), role="attn_out", scale_into="self_attn.v_proj"),
+        LinearGroup(("fc1",), role="mlp_in", scale_into="final_layer_norm"),
+        LinearGroup(("fc2",), role="mlp_out"),
     )
     decoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        LinearGroup(("self_attn.out_proj",)),
-        LinearGroup(("encoder_attn.q_proj",)),
-        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES),
-        LinearGroup(("encoder_attn.out_proj",)),
-        LinearGroup(("fc1",)),
-        LinearGroup(("fc2",)),
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
+                    scale_into="self_attn_layer_norm"),
+        LinearGroup(("self_attn.out_proj",), role="attn_out", scale_into="self_attn.v_proj"),
+        LinearGroup(("encoder_attn.q_proj",), role="cross_q", scale_into="encoder_attn_layer_norm"),
+        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES, role="cross_kv"),
+        LinearGroup(("encoder_attn.out_proj",), role="cross_out", scale_into="encoder_attn.v_proj"),
+        LinearGroup(("fc1",), role="mlp_in", scale_into="final_layer_norm"),
+        LinearGroup(("fc2",), role="mlp_out"),
     )
 
     def encoder_input_name(self) -> str:
@@ -142,19 +154,21 @@ class WhisperAdapter(ModelAdapter):
 class MoonshineAdapter(ModelAdapter):
     family = "moonshine"
     encoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        LinearGroup(("self_attn.o_proj",)),
-        LinearGroup(("mlp.fc1",)),
-        LinearGroup(("mlp.fc2",)),
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
+                    scale_into="input_layernorm"),
+        LinearGroup(("self_attn.o_proj",), role="attn_out", scale_into="self_attn.v_proj"),
+        LinearGroup(("mlp.fc1",), role="mlp_in", scale_into="post_attention_layernorm"),
+        LinearGroup(("mlp.fc2",), role="mlp_out"),
     )
     decoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        LinearGroup(("self_attn.o_proj",)),
-        LinearGroup(("encoder_attn.q_proj",)),
-        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES),
-        LinearGroup(("encoder_attn.o_proj",)),
-        LinearGroup(("mlp.fc1",)),
-        LinearGroup(("mlp.fc2",)),
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
+                    scale_into="input_layernorm"),
+        LinearGroup(("self_attn.o_proj",), role="attn_out", scale_into="self_attn.v_proj"),
+        LinearGroup(("encoder_attn.q_proj",), role="cross_q", scale_into="post_attention_layernorm"),
+        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES, role="cross_kv"),
+        LinearGroup(("encoder_attn.o_proj",), role="cross_out", scale_into="encoder_attn.v_proj"),
+        LinearGroup(("mlp.fc1",), role="mlp_in", scale_into="final_layernorm"),
+        LinearGroup(("mlp.fc2",), role="mlp_out"),
     )
 
     def encoder_input_name(self) -> str:

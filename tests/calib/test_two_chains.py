@@ -1,0 +1,77 @@
+"""The two-chain pipeline (QEP, FADE, AWQ) on tiny random Whisper and Moonshine models."""
+import copy
+
+import pytest
+import torch
+
+from fade_kernels import QuantConfig, quantize_model
+from fade_kernels.api import _StackQuantizer
+from fade_kernels.models.adapters import get_adapter
+
+from test_pipeline import moonshine_samples, whisper_samples
+
+
+def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper, monkeypatch):
+    accumulators = []
+    original = _StackQuantizer._collect_stats
+
+    def recording(self, *args, **kwargs):
+        accumulators.append(original(self, *args, **kwargs))
+        return accumulators[-1]
+
+    monkeypatch.setattr(_StackQuantizer, "_collect_stats", recording)
+    quantize_model(tiny_whisper, whisper_samples(), QuantConfig(method="qep", bits=3, group_size=32),
+                   batch_size=4, progress=False)
+    first = accumulators[0].stats()   # encoder block 0, q/k/v: nothing quantized upstream yet
+    assert torch.count_nonzero(first.cross) == 0 and torch.count_nonzero(first.error) == 0
+    # From the second group on, the quantized q/k/v make the chains differ.
+    assert float(accumulators[1].stats().error.abs().max()) > 0
+
+
+def test_qep_with_alpha_zero_is_plain_gptq_bit_for_bit(tiny_whisper):
+    samples = whisper_samples()
+    states = []
+    for config in (QuantConfig(method="gptq", bits=3, group_size=32), QuantConfig(method="qep", alpha=0.0, bits=3, group_size=32)):
+        model = copy.deepcopy(tiny_whisper)
+        quantize_model(model, samples, config, batch_size=4, progress=False)
+        states.append({k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))})
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("family,method", [("whisper", "qep"), ("whisper", "fade"), ("whisper", "awq"),
+                                           ("whisper", "qep-awq"), ("moonshine", "fade"), ("moonshine", "awq-gptq")])
+def test_methods_run_end_to_end_and_report_diagnostics(family, method, tiny_whisper, tiny_moonshine):
+    model = tiny_whisper if family == "whisper" else tiny_moonshine
+    samples = whisper_samples() if family == "whisper" else moonshine_samples()
+    reference = copy.deepcopy(model)
+    norm = model.model.encoder.layers[0].self_attn_layer_norm if family == "whisper" else model.model.encoder.layers[0].input_layernorm
+    norm_before = norm.weight.detach().clone()
+    report = quantize_model(model, samples, QuantConfig(method=method, bits=4, group_size=32), batch_size=4,
+                            progress=False, track_fp_error=True)
+    adapter = get_adapter(model)
+    assert [layer.name for layer in report.layers] == adapter.quantizable_names(model)
+    for layer in report.layers:
+        assert layer.stack in ("encoder", "decoder") and layer.block >= 0
+        assert 0.0 <= layer.rel_error_fp < 1.0 and 0.0 <= layer.propagated_error < 1.0
+        if method.startswith(("qep", "fade")):
+            assert 0.0 <= layer.alpha <= 1.0
+        if method == "fade":
+            assert 0.0 <= layer.rho <= 1.0 and layer.vulnerability > 0 and layer.rel_error_fp_uncorrected is not None
+    # AWQ folds its input scales into the LayerNorm in front of q/k/v; the others leave it alone.
+    assert torch.equal(norm.weight.detach(), norm_before) != ("awq" in method)
+    if method.startswith("qep"):
+        mlp_out = [layer.alpha for layer in report.layers if layer.name.endswith("fc2")]
+        assert mlp_out and all(alpha == 0.0 for alpha in mlp_out)
+    batch = samples[:2]
+    inputs = adapter.collate_encoder_inputs(batch)
+    ids = torch.stack([s.decoder_ids[:4] for s in batch])
+    with torch.no_grad():
+        expected = reference(**inputs, decoder_input_ids=ids).logits
+        got = model(**inputs, decoder_input_ids=ids).logits
+    assert float((got - expected).norm() / expected.norm()) < 0.2
+
+
+def test_fade_needs_two_utterances(tiny_whisper):
+    with pytest.raises(ValueError, match="at least 2 calibration utterances"):
+        quantize_model(tiny_whisper, whisper_samples(1), QuantConfig(method="fade"), progress=False)

@@ -169,10 +169,14 @@ def cmd_info(args) -> int:
         print(f"transformers {transformers.__version__}")
     except ImportError:
         print("transformers: not installed")
+    from fade_kernels.ops.registry import AUTO_ORDER, auto_order
+
     print("backends:")
     for row in backend_table():
         state = "available" if row["available"] else f"unavailable: {row['why_unavailable']}"
         print(f"  {row['name']:8s} devices={row['devices']:9s} bits={row['bits']:8s} {state}")
+    for device in AUTO_ORDER:
+        print(f"auto order for {device} tensors: {' -> '.join(b.name for b in auto_order(device))}")
     return 0
 
 

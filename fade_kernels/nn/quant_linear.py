@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.ops.custom_op import quant_linear as quant_linear_op
 from fade_kernels.ops.registry import quant_linear_forward
 from fade_kernels.packing import codes_per_run, pack_qweight, pack_qzeros, padded_width
 
@@ -70,11 +71,18 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype."""
+        """x: (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
+
+        Under torch.compile / torch.export the call is the custom op `fade::quant_linear`
+        (opaque to Dynamo, shape from its fake implementation). In eager mode the op's own
+        implementation is called directly: the same function and backend choice, without the
+        custom op's Python dispatch, which doubled the cost of a small M = 1 layer.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {x.shape[-1]}")
-        return quant_linear_forward(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
-                                    self.bits, self.group_size, self.out_features, self.backend)
+        forward = quant_linear_op if torch.compiler.is_compiling() else quant_linear_forward
+        return forward(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
+                       self.bits, self.group_size, self.out_features, self.backend)
 
     def extra_repr(self) -> str:
         grid = "sym" if self.sym else "asym"

@@ -1,10 +1,16 @@
 """Backend registry for the quantized matmul.
 
 Each backend is a small record (name, devices, bit widths, a shape predicate, availability and
-the reason when unavailable). `auto` picks the first available backend in priority order that
-supports the tensor's device, the layer's bit width and the activation's row count M. A backend
-named explicitly (argument or the FADE_BACKEND environment variable) runs or raises: never a
-silent fallback. The torch reference is always available and defines correctness.
+the reason when unavailable). `auto` walks an explicit per-device order (AUTO_ORDER):
+
+    CUDA tensors: cuda -> triton -> torch      CPU tensors: cpu -> torch
+
+and takes the first backend that is available and supports the layer's bit width, group size
+and the activation's row count M (e.g. "cuda" only for M <= 8 and 3/4 bits). Backends not in a
+device's order (Triton on CPU tensors under TRITON_INTERPRET, say) run only when named. A
+backend named explicitly (argument or the FADE_BACKEND environment variable) runs or raises
+with the reason: never a silent fallback. The torch reference is always available and defines
+correctness.
 """
 from __future__ import annotations
 
@@ -45,6 +51,22 @@ def register_backend(backend: Backend) -> None:
 
 register_backend(Backend(name="torch", fn=reference_forward, devices=("cpu", "cuda"), bits=(2, 3, 4, 8), priority=100))
 
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),  # hand-written decode GEMV, then Triton (any M), then reference
+    "cpu": ("cpu", "torch"),
+}
+"""The order `auto` tries backends in, per device type; unregistered names are skipped."""
+
+
+def auto_order(device: str) -> list[Backend]:
+    """The registered backends `auto` tries for tensors on `device`, in order.
+
+    Devices without an AUTO_ORDER entry try every backend listing the device, by priority.
+    """
+    if device in AUTO_ORDER:
+        return [BACKENDS[name] for name in AUTO_ORDER[device] if name in BACKENDS]
+    return sorted((b for b in BACKENDS.values() if device in b.devices), key=lambda b: b.priority)
+
 
 def _can_run(backend: Backend, m: int, bits: int, group_size: int, device: str) -> str:
     """Empty string when `backend` can run this call, else the reason it cannot."""
@@ -69,10 +91,14 @@ def select_backend(m: int, bits: int, group_size: int, device: str, requested: s
         if reason:
             raise RuntimeError(f"backend {requested!r} was requested but cannot run: {reason}")
         return BACKENDS[requested]
-    for backend in sorted(BACKENDS.values(), key=lambda b: b.priority):
-        if not _can_run(backend, m, bits, group_size, device):
+    reasons = []
+    for backend in auto_order(device):
+        reason = _can_run(backend, m, bits, group_size, device)
+        if not reason:
             return backend
-    raise RuntimeError(f"no backend can run M={m}, bits={bits}, group_size={group_size} on {device}")
+        reasons.append(f"{backend.name}: {reason}")
+    raise RuntimeError(f"no backend can run M={m}, bits={bits}, group_size={group_size} on {device} tensors"
+                       + (f" ({'; '.join(reasons)})" if reasons else " (no backend lists this device)"))
 
 
 def quant_linear_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -76,11 +76,14 @@ class QuantLinear(nn.Module):
         Under torch.compile / torch.export the call is the custom op `fade::quant_linear`
         (opaque to Dynamo, shape from its fake implementation). In eager mode the op's own
         implementation is called directly: the same function and backend choice, without the
-        custom op's Python dispatch, which doubled the cost of a small M = 1 layer.
+        custom op's Python dispatch, which doubled the cost of a small M = 1 layer. When x needs
+        a gradient the op is used in eager mode too: its registered backward (dx = dy @ W_hat)
+        covers every backend, including those without an autograd formula of their own.
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {x.shape[-1]}")
-        forward = quant_linear_op if torch.compiler.is_compiling() else quant_linear_forward
+        use_op = torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+        forward = quant_linear_op if use_op else quant_linear_forward
         return forward(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
                        self.bits, self.group_size, self.out_features, self.backend)
 

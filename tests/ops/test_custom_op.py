@@ -124,3 +124,20 @@ def test_compile_fullgraph_inductor(_fresh_seed):
     with torch.no_grad():
         # Inductor may fuse the residual add and GELU differently from eager: fp32 rounding only.
         torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_quant_linear_gradient_goes_through_the_op(monkeypatch, _fresh_seed):
+    """A backend without its own autograd formula still gives dx through the op's backward."""
+    from fade_kernels.ops.registry import BACKENDS, Backend
+
+    def no_autograd(x, *args):  # detaches: any gradient must come from the custom op
+        return reference_forward(x.detach(), *args)
+
+    monkeypatch.setitem(BACKENDS, "plain", Backend(name="plain", fn=no_autograd, devices=("cpu",), bits=(3, 4),
+                                                   priority=1))
+    gen = torch.Generator().manual_seed(_fresh_seed)
+    layer = _layer(gen, 64, 24, 4, 32)
+    layer.backend = "plain"
+    x = torch.randn(3, 64, generator=gen, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(3, 64), rtol=1e-5, atol=1e-5)

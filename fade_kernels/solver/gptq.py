@@ -5,10 +5,16 @@ Minimise ||W X - W_hat X||^2 one column at a time with H = X X^T / T:
   2. optional act-order: visit columns by decreasing diag H, with static groups (every group's
      grid computed before the sweep, on the original column grouping, so inference needs no
      g_idx gather);
-  3. U = upper Cholesky factor of H^-1 (with damping lambda = damp * mean diag H);
+  3. U = upper Cholesky factor of H^-1 (with damping lambda = damp * mean diag H), by one
+     Cholesky of the index-reversed H and one triangular inverse (solver/factor.py);
   4. sweep blocks of B columns; inside a block quantize column i, scale its error by U[i, i]
      and push it onto the block's remaining columns; after the block, one GEMM pushes the
      block's errors onto every later column (the lazy batch update).
+
+The in-block loop has two implementations with bit-identical results: `_sweep_block_torch`,
+the reference (a Python loop of torch calls per column, easy to read), and the fused C++
+kernel csrc/cpu/gptq_sweep.cpp (`_sweep_block_cpp`, no per-column Python), which performs the
+same float32 operations in the same order. The trailing GEMM is the same torch call for both.
 
 Worked 2x2 example (one row, integer grid of step 1, no damping, H = [[2, 1], [1, 2]]):
 H^-1 = [[2, -1], [-1, 2]] / 3, so U = [[0.816, -0.408], [0, 0.707]]. For w = [0.4, 0.4],
@@ -27,9 +33,28 @@ from typing import NamedTuple
 import torch
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
 
 log = logging.getLogger(__name__)
+
+__all__ = ["GPTQResult", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared", "gptq_sweep",
+           "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper", "SWEEP_IMPLS"]
+
+SWEEP_IMPLS = ("auto", "torch", "cpp")
+
+try:  # the fused sweep is optional: without the extension the torch loop runs
+    from fade_kernels import _C  # noqa: N814 (the conventional name of a torch extension)
+    _CPP_SWEEP_ERROR = "" if hasattr(_C, "gptq_sweep_block") else \
+        "fade_kernels._C predates the fused GPTQ sweep; rebuild it: pip install --no-build-isolation -e ."
+except ImportError as exc:
+    _C = None
+    _CPP_SWEEP_ERROR = f"fade_kernels._C is not available ({exc}); build it: pip install --no-build-isolation -e ."
+
+
+def cpp_sweep_available() -> tuple[bool, str]:
+    """(True, "") when the fused C++ sweep can run, else (False, why)."""
+    return (not _CPP_SWEEP_ERROR, _CPP_SWEEP_ERROR)
 
 
 class GPTQResult(NamedTuple):
@@ -45,40 +70,137 @@ class GPTQResult(NamedTuple):
     loss: float
 
 
-def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + damp * mean(diag H) * I, float32 (K, K)."""
-    lam = damp * torch.diagonal(hessian).mean()
-    out = hessian.clone()
-    out.diagonal().add_(lam)
-    return out
+class StaticGrids(NamedTuple):
+    """Act-order with static groups: scales float32 (N, G) and zeros float32 (N, G, integer-valued)
+    computed before the sweep; column_group int64 (K,): the group of each sweep column."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    column_group: torch.Tensor
 
 
-def inverse_cholesky_upper(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper-triangular U with U^T U = (H + lambda I)^-1, float32 (K, K).
+class SweepResult(NamedTuple):
+    """codes int32 (N, K) in sweep order; scales float32 (N, G); zeros float32 (N, G),
+    integer-valued; loss float32 (N,): each row's sum over columns of err^2."""
 
-    If H is not positive definite after damping (e.g. too few calibration tokens), the damping
-    is raised tenfold up to three times before giving up, and a warning says so.
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    loss: torch.Tensor
+
+
+def _sweep_block_torch(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
+                       sym: bool, column_group: list[int] | None) -> torch.Tensor:
+    """The reference in-block loop over sweep columns [i1, i2) (background §4, step 4).
+
+    W float32 (N, K) in sweep order, read only here; U float32 (K, K). Writes out.codes[:, i1:i2],
+    out.loss, and (without column_group) the grid of every group entered in the block.
+    column_group: the group of each sweep column for static grids, or None. Returns the block's
+    error Err1 float32 (N, i2 - i1) for the lazy update.
     """
-    for attempt in range(4):
-        factor, info = torch.linalg.cholesky_ex(damped_hessian(hessian, damp))
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
-        log.warning("Hessian not positive definite with damp=%g; retrying with damp=%g", damp, damp * 10)
-        damp *= 10
-    raise RuntimeError("Hessian is not positive definite even with heavy damping; "
-                       "is the calibration data empty or constant?")
+    W1 = W[:, i1:i2].clone()
+    U1 = U[i1:i2, i1:i2]
+    Err1 = torch.zeros_like(W1)
+    for i in range(i2 - i1):
+        col = i1 + i
+        if column_group is not None:
+            grp = column_group[col]
+        else:
+            grp = col // g
+            if col % g == 0:
+                # Grid of the group entered here, on the weights as updated so far: in-block
+                # columns from W1, columns past the block (a group wider than the rest of the
+                # block) from W, which has only the lazy updates.
+                group = torch.cat([W1[:, i:i + g], W[:, i2:col + g]], 1)
+                out.scales[:, grp:grp + 1], out.zeros[:, grp:grp + 1] = compute_grid(group, bits, sym)
+        s, z = out.scales[:, grp], out.zeros[:, grp]
+        w = W1[:, i]
+        q = quantize_to_codes(w, s, z, bits)
+        err = (w - dequantize_codes(q, s, z)) / U1[i, i]
+        out.codes[:, col] = q.to(torch.int32)
+        out.loss.add_(err * err)
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
+
+
+def _sweep_block_cpp(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
+                     sym: bool, column_group: torch.Tensor | None, isa: str = "auto") -> torch.Tensor:
+    """The same block as `_sweep_block_torch`, in one call of the fused C++ kernel.
+
+    column_group: int32 (K,) contiguous, or None. isa: "auto", "avx512", "avx2" or "generic".
+    """
+    Err1 = torch.empty(W.shape[0], i2 - i1)  # contiguous (N, B), like the reference's Err1
+    _C.gptq_sweep_block(W, U, i1, i2, bits, sym, g, column_group, out.scales, out.zeros, out.codes, Err1, out.loss, isa)
+    return Err1
+
+
+def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym: bool = False,
+               block_size: int = 128, static_grids: StaticGrids | None = None, impl: str = "torch",
+               isa: str = "auto") -> SweepResult:
+    """Step 4 of GPTQ: the block sweep of W against U, with grids computed on the way.
+
+    W: float32 (N, K), columns in sweep order (act-order permuted, dead columns zeroed);
+      OVERWRITTEN with the lazily updated weights (pass a copy to keep it).
+    U: float32 (K, K), upper Cholesky factor of the damped H^-1 in the same order.
+    bits, group_size (32/64/128/-1), sym: the grid (grid.compute_grid).
+    static_grids: None for grids computed when the sweep enters each group, on the updated
+      weights; or precomputed grids for act-order with static groups.
+    impl: "torch" (the reference loop) or "cpp" (the fused kernel; identical results).
+    isa: for impl="cpp" only: "auto", "avx512", "avx2" or "generic".
+    Returns a SweepResult (codes in sweep order).
+    """
+    validate_grid_args(bits, group_size)
+    if impl not in ("torch", "cpp"):
+        raise ValueError(f"impl must be 'torch' or 'cpp', got {impl!r}")
+    if impl == "cpp" and _CPP_SWEEP_ERROR:
+        raise RuntimeError(f"impl='cpp' needs the fused C++ sweep: {_CPP_SWEEP_ERROR}")
+    if W.dim() != 2 or W.dtype != torch.float32:
+        raise ValueError(f"W must be float32 (N, K), got {W.dtype} of shape {tuple(W.shape)}")
+    n_rows, n_cols = W.shape
+    if U.shape != (n_cols, n_cols) or U.dtype != torch.float32:
+        raise ValueError(f"U must be float32 ({n_cols}, {n_cols}) to match W's K, got {U.dtype} {tuple(U.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    g = resolve_group_size(group_size, n_cols)
+    n_groups = n_cols // g
+    # Both implementations must see the same operands with the same strides: a GEMM on another
+    # layout may round differently, and then the weights of later blocks would differ.
+    U = U.contiguous()
+    if static_grids is not None:
+        scales, zeros, column_group = static_grids
+        if scales.shape != (n_rows, n_groups) or zeros.shape != (n_rows, n_groups):
+            raise ValueError(f"static_grids scales/zeros must have shape ({n_rows}, {n_groups}), got "
+                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+        if column_group.shape != (n_cols,):
+            raise ValueError(f"static_grids.column_group must have shape ({n_cols},), got {tuple(column_group.shape)}")
+        scales, zeros = scales.float().contiguous(), zeros.float().contiguous()
+        groups = column_group.to(torch.int32).contiguous() if impl == "cpp" else column_group.tolist()
+    else:
+        scales, zeros, groups = torch.zeros(n_rows, n_groups), torch.zeros(n_rows, n_groups), None
+    out = SweepResult(torch.zeros(n_rows, n_cols, dtype=torch.int32), scales, zeros, torch.zeros(n_rows))
+
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        if impl == "cpp":
+            Err1 = _sweep_block_cpp(W, U, i1, i2, out, g, bits, sym, groups, isa)
+        else:
+            Err1 = _sweep_block_torch(W, U, i1, i2, out, g, bits, sym, groups)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return out
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   sym: bool = False, act_order: bool = False, block_size: int = 128,
-                  damp: float = 0.01) -> GPTQResult:
+                  damp: float = 0.01, sweep: str = "auto", factor: str = "reversed") -> GPTQResult:
     """Quantize one weight matrix (or several stacked ones sharing an input) with GPTQ.
 
     weight: float (N, K), the layer's weight (rows of stacked layers concatenated).
     hessian: float (K, K), X X^T / T over the calibration tokens of the layer input.
+    sweep: "auto" (the fused C++ kernel for CPU tensors when it is built, else the torch loop),
+      "torch" (the reference loop) or "cpp"; all give identical codes.
+    factor: how U is computed, "reversed" (default, ~2n^3/3 flops) or "three_step" (the usual
+      Cholesky / cholesky_inverse / Cholesky, ~5n^3/3); equal up to float rounding.
     Returns a GPTQResult; see its docstring for shapes.
     """
     validate_grid_args(bits, group_size)
@@ -89,6 +211,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
         raise ValueError(f"hessian must have shape ({n_cols}, {n_cols}) to match weight's K, got {tuple(hessian.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if sweep not in SWEEP_IMPLS:
+        raise ValueError(f"sweep must be one of {SWEEP_IMPLS}, got {sweep!r}")
+    if factor not in FACTOR_METHODS:
+        raise ValueError(f"factor must be one of {FACTOR_METHODS}, got {factor!r}")
+    if sweep == "auto":
+        sweep = "cpp" if not _CPP_SWEEP_ERROR and weight.device.type == "cpu" else "torch"
     g = resolve_group_size(group_size, n_cols)
     n_groups = n_cols // g
 
@@ -98,48 +226,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scales = torch.zeros(n_rows, n_groups)
-    zeros = torch.zeros(n_rows, n_groups)
-    perm = None
+    perm, static_grids = None, None
     if act_order:
         # Static groups: every grid comes from the original grouping before any update.
+        scales = torch.zeros(n_rows, n_groups)
+        zeros = torch.zeros(n_rows, n_groups)
         for grp in range(n_groups):
             scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(W[:, grp * g:(grp + 1) * g], bits, sym)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    order = perm if perm is not None else torch.arange(n_cols)
-    U = inverse_cholesky_upper(H, damp)
+        static_grids = StaticGrids(scales, zeros, perm // g)
+    U = inverse_cholesky_upper(H, damp, method=factor)
 
-    Q = torch.zeros(n_rows, n_cols)  # codes, in sweep order
-    loss = torch.zeros(n_rows)
-    for i1 in range(0, n_cols, block_size):
-        i2 = min(i1 + block_size, n_cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            grp = int(order[col]) // g
-            if perm is None and col % g == 0:
-                # Grid of the group entered here, on the weights as updated so far: in-block
-                # columns from W1, columns past the block from W (lazy updates only).
-                inside = W1[:, i:i + g]
-                beyond = W[:, i2:col + g] if col + g > i2 else W1[:, :0]
-                scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(torch.cat([inside, beyond], 1), bits, sym)
-            s, z = scales[:, grp], zeros[:, grp]
-            w = W1[:, i]
-            q = quantize_to_codes(w, s, z, bits)
-            err = (w - dequantize_codes(q, s, z)) / U1[i, i]
-            Q[:, col] = q
-            loss += err * err
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    codes = torch.empty_like(Q)
-    codes[:, order] = Q
-    return GPTQResult(codes.to(torch.int32), scales, zeros.to(torch.int32), perm, float(loss.sum()))
+    swept = gptq_sweep(W, U, bits, group_size, sym, block_size, static_grids, impl=sweep)
+    codes = swept.codes
+    if perm is not None:
+        codes = torch.empty_like(swept.codes)
+        codes[:, perm] = swept.codes
+    return GPTQResult(codes, swept.scales, swept.zeros.to(torch.int32), perm, float(swept.loss.sum()))
 
 
 def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, **kwargs) -> list[GPTQResult]:

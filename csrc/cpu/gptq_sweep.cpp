@@ -263,7 +263,7 @@ void sweep_rows(const GptqSweepArgs& a, TileFn tile_fn) {
   {
     std::vector<float> tile((size_t)(a.i2 - a.i1) * kLanes);
     std::vector<int32_t> qtile((size_t)(a.i2 - a.i1) * kLanes);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tiles; ++t) tile_fn(a, t * kLanes, tile.data(), qtile.data());
   }
 }

@@ -62,25 +62,28 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _upper_three_step(damped: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    lower, info = torch.linalg.cholesky_ex(damped)
+def _upper_three_step(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, bool]:
+    lower, info = torch.linalg.cholesky_ex(damped_hessian(hessian, damp))
     if int(info) != 0:
         return lower, False
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     return upper, int(info) == 0
 
 
-def _upper_reversed(damped: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    # J H J = L L^T. Factoring it as R^T R with upper=True (L = R^T) makes LAPACK read the upper
-    # triangle of J H J, which is H's lower triangle: the one the three-step recipe reads, so
-    # both methods agree even when a float32 X X^T is not exactly symmetric.
-    upper_r, info = torch.linalg.cholesky_ex(damped.flip(0, 1), upper=True)
+def _upper_reversed(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, bool]:
+    # J H^T J rather than J H J: equal for a symmetric H, but a float32 X X^T is symmetric only
+    # up to rounding, and the lower triangle of J H^T J (the one LAPACK reads) is H's lower
+    # triangle, the one the three-step recipe reads, so both methods factor the same matrix.
+    # flip() copies, so the damping can go straight onto the copy's diagonal.
+    reversed_h = hessian.mT.flip(0, 1)
+    reversed_h.diagonal().add_(damp * torch.diagonal(hessian).mean())
+    lower, info = torch.linalg.cholesky_ex(reversed_h)  # J H J = L L^T
     if int(info) != 0:
-        return upper_r, False
-    upper = lower_triangular_inverse(upper_r.mT).flip(0, 1)  # J L^-1 J
+        return lower, False
+    upper = lower_triangular_inverse(lower).flip(0, 1)  # U = J L^-1 J
     # The three-step recipe notices a numerically indefinite H^-1 in its second Cholesky; here
-    # the same breakdown would show up as inf/nan in the inverse.
-    return upper, bool(torch.isfinite(upper).all())
+    # the same breakdown would show up as inf/nan in the inverse (one sum finds either).
+    return upper, bool(torch.isfinite(upper.sum()))
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, method: str = "reversed") -> torch.Tensor:
@@ -98,7 +101,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, method: str = "re
         raise ValueError(f"hessian must be square (K, K), got shape {tuple(hessian.shape)}")
     factorize = _upper_reversed if method == "reversed" else _upper_three_step
     for _ in range(4):
-        upper, ok = factorize(damped_hessian(hessian, damp))
+        upper, ok = factorize(hessian, damp)
         if ok:
             return upper
         log.warning("Hessian not positive definite with damp=%g; retrying with damp=%g", damp, damp * 10)

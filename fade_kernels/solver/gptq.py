@@ -27,7 +27,6 @@ weights into one (sum N, K) matrix and sweeping once is exactly the per-layer re
 """
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
@@ -35,8 +34,6 @@ import torch
 from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
-
-log = logging.getLogger(__name__)
 
 __all__ = ["GPTQResult", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared", "gptq_sweep",
            "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper", "SWEEP_IMPLS"]
@@ -208,7 +205,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     n_rows, n_cols = weight.shape
     if hessian.shape != (n_cols, n_cols):
-        raise ValueError(f"hessian must have shape ({n_cols}, {n_cols}) to match weight's K, got {tuple(hessian.shape)}")
+        raise ValueError(f"hessian must have shape ({n_cols}, {n_cols}) to match weight's K, "
+                         f"got {tuple(hessian.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if sweep not in SWEEP_IMPLS:

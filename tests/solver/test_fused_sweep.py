@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fade_kernels.solver import gptq
-from fade_kernels.solver.gptq import StaticGrids, gptq_quantize, gptq_quantize_shared, gptq_sweep, inverse_cholesky_upper
+from fade_kernels.solver.gptq import (StaticGrids, gptq_quantize, gptq_quantize_shared, gptq_sweep,
+                                      inverse_cholesky_upper)
 from fade_kernels.solver.rtn import rtn_quantize
 
 available, why = gptq.cpp_sweep_available()
@@ -48,7 +49,8 @@ def test_gptq_quantize_cpp_equals_torch(bits, sym, group_size, k, act_order, _fr
                        gptq_quantize(weight, hessian, sweep="torch", **kwargs))
 
 
-@pytest.mark.parametrize("block_size,group_size", [(1, 32), (5, 32), (7, -1), (32, 128), (48, 32), (128, 64), (300, 32)])
+@pytest.mark.parametrize("block_size,group_size",
+                         [(1, 32), (5, 32), (7, -1), (32, 128), (48, 32), (128, 64), (300, 32)])
 def test_blocks_not_aligned_with_groups(block_size, group_size, _fresh_seed):
     # Groups that start inside a block and run past it read columns beyond the block; groups
     # entered in an earlier block are continued in the next one.

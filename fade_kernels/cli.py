@@ -1,4 +1,4 @@
-"""The `fade` command line: quantize | eval | transcribe | convert-ct2 | info.
+"""The `fade` command line: quantize | sweep | eval | transcribe | convert-ct2 | info.
 
 Every bad argument ends in a one-line error naming it (exit code 2), never a traceback.
 """
@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from fade_kernels.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
+from fade_kernels.config import FADE_RULES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
+
+# Methods whose result does not depend on calibration data (everything else needs --calib).
+DATA_FREE_METHODS = ("rtn",)
 
 
 class CliError(Exception):
@@ -47,13 +50,12 @@ def cmd_quantize(args) -> int:
 
     if args.n_calib < 1:
         raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
-    if args.method == "gptq" and not args.calib:
-        raise CliError("--calib is required for --method gptq (a manifest .jsonl or a LibriSpeech-style folder)")
+    if args.method not in DATA_FREE_METHODS and not args.calib:
+        raise CliError(f"--calib is required for --method {args.method} (a manifest .jsonl or a LibriSpeech-style folder)")
     try:
-        config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-                             act_order=args.act_order, damp=args.damp)
+        config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, **_config_kwargs(args))
     except ValueError as error:
-        raise CliError(str(error)) from None
+        raise CliError(_option_error(str(error))) from None
     torch.manual_seed(args.seed)
     model, processor = _load_model(args.model)
     full_precision_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -67,31 +69,108 @@ def cmd_quantize(args) -> int:
     if utterances:
         samples = prepare_samples(model, processor, utterances, progress=not args.quiet)
     else:
-        samples = _silence_samples(model, processor)
+        from fade_kernels.sweep import silence_samples
+
+        samples = silence_samples(model, processor)
     report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out)
     save_quantized(model, out, processor=processor)
+    run_info = {"calib": args.calib, "seed": args.seed, "model": args.model}
     report_file = out / "quantization_report.json"
-    report_file.write_text(json.dumps({
-        "config": report.config, "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
-        "n_calib": report.n_calib, "calib": args.calib, "seed": args.seed, "model": args.model,
-        "layers": [vars(layer) for layer in report.layers]}, indent=1))
+    report_file.write_text(json.dumps({**report.to_dict(), **run_info}, indent=1))
     _print_summary(report, out, full_precision_bytes)
+    if args.report:
+        _write_report_dir(report, Path(args.report), run_info)
     return 0
 
 
-def _silence_samples(model, processor):
-    import numpy as np
-    import torch
+def _write_report_dir(report, folder: Path, run_info: dict) -> None:
+    """report.json and the per-layer plots of one quantization run."""
+    from fade_kernels.report.plots import write_report_plots
 
-    from fade_kernels.calib.samples import CalibSample
-    from fade_kernels.models.adapters import get_adapter
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps({**report.to_dict(), **run_info}, indent=1))
+    paths = write_report_plots(report, folder)
+    print(f"report: {folder / 'report.json'} and {', '.join(p.name for p in paths)}")
 
-    adapter = get_adapter(model)
-    audio = np.zeros(16000, dtype=np.float32)
-    features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt")
-    prompt = adapter.decoder_prompt(model, processor.tokenizer) + [model.config.eos_token_id]
-    return [CalibSample(features[adapter.encoder_input_name()][0].float(), len(audio), torch.tensor(prompt))]
+
+def _config_kwargs(args) -> dict:
+    """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
+    kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
+    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.qep_exclude is not None:
+        kwargs["qep_exclude"] = tuple(item.strip() for item in args.qep_exclude.split(",") if item.strip())
+    return kwargs
+
+
+def _option_error(message: str) -> str:
+    """QuantConfig names fields (alpha must be ...); say which command-line option that is."""
+    field = message.split(" ", 1)[0]
+    option = "--" + field.replace("_", "-")
+    return f"{option}: {message}" if field.isidentifier() and not message.startswith("--") else message
+
+
+def _parse_list(value: str, option: str, cast=str, allowed=None) -> list:
+    """A comma-separated option value -> list, each item cast and checked against `allowed`."""
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if not items:
+        raise CliError(f"{option} must list at least one value (comma-separated), got {value!r}")
+    out = []
+    for item in items:
+        try:
+            parsed = cast(item)
+        except ValueError:
+            raise CliError(f"{option}: {item!r} is not a valid {cast.__name__}") from None
+        if allowed is not None and parsed not in allowed:
+            raise CliError(f"{option}: unknown value {item!r}; choose from {', '.join(map(str, allowed))}")
+        out.append(parsed)
+    if len(set(out)) != len(out):
+        raise CliError(f"{option} lists a value twice: {value!r}")
+    return out
+
+
+def cmd_sweep(args) -> int:
+    from fade_kernels.sweep import run_sweep
+
+    methods = _parse_list(args.methods, "--methods", str, SUPPORTED_METHODS)
+    bits = _parse_list(args.bits, "--bits", int, SUPPORTED_BITS)
+    seeds = _parse_list(args.seeds, "--seeds", int)
+    if args.n_calib < 1:
+        raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
+    if args.max_eval is not None and args.max_eval < 1:
+        raise CliError(f"--max-eval must be at least 1, got {args.max_eval}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    needs_calib = [m for m in methods if m not in DATA_FREE_METHODS]
+    if needs_calib and not args.calib:
+        raise CliError(f"--calib is required for --methods {','.join(needs_calib)} (a manifest .jsonl or a "
+                       "LibriSpeech-style folder)")
+    for option, path in (("--calib", args.calib), ("--eval", args.eval)):
+        if path and not Path(path).exists():
+            raise CliError(f"{option} manifest not found: {path}")
+    kwargs = _config_kwargs(args)
+    try:
+        from fade_kernels.config import QuantConfig
+
+        for method in methods:
+            QuantConfig(method=method, bits=bits[0], group_size=args.group_size, **kwargs)
+    except ValueError as error:
+        raise CliError(_option_error(str(error))) from None
+    results = run_sweep(args.model, methods, bits, args.group_size, seeds, args.calib, args.eval, args.out,
+                        n_calib=args.n_calib, max_eval=args.max_eval, batch_size=args.batch_size,
+                        eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+                        dequantize_eval=not args.eval_kernels, config_kwargs=kwargs, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out / 'plots'}")
+    failed = results.get("failed", {})
+    if failed:
+        print(f"fade sweep: {len(failed)} runs failed (rerun the same command to retry): {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_summary(report, out: Path, full_precision_bytes: int) -> None:
@@ -190,16 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="gptq", choices=SUPPORTED_METHODS)
     q.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
     q.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES)
-    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag H")
+    _add_method_options(q)
     q.add_argument("--calib", help="calibration manifest (.jsonl) or LibriSpeech-style folder")
     q.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn with --seed")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--report", metavar="DIR", help="also write report.json and per-layer PNG plots here")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=cmd_quantize)
+
+    w = commands.add_parser("sweep", help="methods x bits x calibration seeds: WER mean +- std, memory, plots")
+    w.add_argument("--model", required=True, help="local dir, hub id, or bundled:tiny.en (full precision)")
+    w.add_argument("--methods", default="rtn,gptq", help=f"comma list from {','.join(SUPPORTED_METHODS)}")
+    w.add_argument("--bits", default="4,3", help=f"comma list from {','.join(map(str, SUPPORTED_BITS))}")
+    w.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES)
+    w.add_argument("--seeds", default="0,1,2,3,4", help="calibration seeds, comma list (one subset per seed)")
+    w.add_argument("--calib", help="calibration manifest (.jsonl) or LibriSpeech-style folder")
+    w.add_argument("--eval", required=True, help="evaluation manifest, sharing no sentence with --calib")
+    w.add_argument("--out", required=True, help="output folder (results.json, results.md, plots/); reruns resume")
+    w.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn per seed")
+    w.add_argument("--max-eval", type=int, help="evaluate only the first N utterances")
+    w.add_argument("--batch-size", type=int, default=8, help="calibration batch")
+    w.add_argument("--eval-batch-size", type=int, default=8, help="decoding batch")
+    w.add_argument("--max-new-tokens", type=int, default=128, help="bound so a looping hypothesis cannot hang")
+    w.add_argument("--eval-kernels", action="store_true",
+                   help="decode through the packed QuantLinear backends (default: dense linears on the "
+                        "dequantized weights, the same model and much faster on CPU)")
+    _add_method_options(w)
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(run=cmd_sweep)
 
     e = commands.add_parser("eval", help="WER of a model on a manifest or LibriSpeech folder")
     e.add_argument("--model", required=True)
@@ -225,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = commands.add_parser("info", help="versions and kernel backends")
     i.set_defaults(run=cmd_info)
     return parser
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """Solver options shared by quantize and sweep (QuantConfig fields; unset keeps its default)."""
+    parser.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
+    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag H")
+    parser.add_argument("--alpha", type=float, help="QEP propagation strength in [0, 1] (qep* methods; default 0.5)")
+    parser.add_argument("--qep-damp", type=float, help="QEP ridge as a fraction of mean diag H-hat (default 1.0)")
+    parser.add_argument("--qep-exclude", metavar="ROLES",
+                        help="comma list of layer roles/names kept at alpha 0 (default mlp_out; '' for none)")
+    parser.add_argument("--fade-rule", choices=FADE_RULES, help="FADE alpha rule or ablation (default both)")
+    parser.add_argument("--awq-grid", type=int, help="number of AWQ exponents searched (default 20)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,10 @@ registers, and for column i of the block
     W[:, j] -= err * U[i, j]              for the block's columns j > i
     loss  += err * err
 
-Rows are independent given U, so programs never talk to each other. The block's error E
-(N, B) goes back to the host, where the lazy trailing update W[:, after] -= E @ U[block, after]
-stays one torch GEMM, written exactly as the torch loop writes it.
+Rows are independent given U, so programs never talk to each other. The kernel writes the
+block's error E (N, B); the lazy trailing update W[:, after] -= E @ U[block, after] then stays
+one torch GEMM, written exactly as the torch loop writes it (same operands, same layouts, so it
+rounds the same way and later blocks see identical weights).
 
 Bit-exactness with the torch loop. The codes must equal `gptq_quantize`'s for the same W and U,
 so every float operation is the one torch performs, in the same order, with the same rounding:

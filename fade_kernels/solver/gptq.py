@@ -38,7 +38,7 @@ from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to
 __all__ = ["GPTQResult", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared", "gptq_sweep",
            "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper", "SWEEP_IMPLS"]
 
-SWEEP_IMPLS = ("auto", "torch", "cpp")
+SWEEP_IMPLS = ("auto", "torch", "cpp", "triton")
 
 try:  # the fused sweep is optional: without the extension the torch loop runs
     from fade_kernels import _C  # noqa: N814 (the conventional name of a torch extension)
@@ -143,13 +143,21 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
     bits, group_size (32/64/128/-1), sym: the grid (grid.compute_grid).
     static_grids: None for grids computed when the sweep enters each group, on the updated
       weights; or precomputed grids for act-order with static groups.
-    impl: "torch" (the reference loop) or "cpp" (the fused kernel; identical results).
+    impl: "torch" (the reference loop), "cpp" (the fused kernel) or "triton" (one fused launch per
+      block, solver/triton_sweep.py; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); all
+      three give identical results. "triton" leaves W unmodified.
     isa: for impl="cpp" only: "auto", "avx512", "avx2" or "generic".
     Returns a SweepResult (codes in sweep order).
     """
     validate_grid_args(bits, group_size)
-    if impl not in ("torch", "cpp"):
-        raise ValueError(f"impl must be 'torch' or 'cpp', got {impl!r}")
+    if impl not in ("torch", "cpp", "triton"):
+        raise ValueError(f"impl must be 'torch', 'cpp' or 'triton', got {impl!r}")
+    if impl == "triton":
+        from fade_kernels.solver.triton_sweep import triton_gptq_sweep
+
+        loss = torch.zeros(W.shape[0], device=W.device)
+        result = triton_gptq_sweep(W, U, bits, group_size, sym, block_size, static_grids, loss_out=loss)
+        return SweepResult(result.codes, result.scales, result.zeros.float(), loss)
     if impl == "cpp" and _CPP_SWEEP_ERROR:
         raise RuntimeError(f"impl='cpp' needs the fused C++ sweep: {_CPP_SWEEP_ERROR}")
     if W.dim() != 2 or W.dtype != torch.float32:
@@ -194,8 +202,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
 
     weight: float (N, K), the layer's weight (rows of stacked layers concatenated).
     hessian: float (K, K), X X^T / T over the calibration tokens of the layer input.
-    sweep: "auto" (the fused C++ kernel for CPU tensors when it is built, else the torch loop),
-      "torch" (the reference loop) or "cpp"; all give identical codes.
+    sweep: "auto" (the fused C++ kernel for CPU tensors when it is built, the Triton kernel for
+      CUDA tensors, else the torch loop), "torch" (the reference loop), "cpp" or "triton"; all
+      give identical codes.
     factor: how U is computed, "reversed" (default, ~2n^3/3 flops) or "three_step" (the usual
       Cholesky / cholesky_inverse / Cholesky, ~5n^3/3); equal up to float rounding.
     Returns a GPTQResult; see its docstring for shapes.
@@ -214,7 +223,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     if factor not in FACTOR_METHODS:
         raise ValueError(f"factor must be one of {FACTOR_METHODS}, got {factor!r}")
     if sweep == "auto":
-        sweep = "cpp" if not _CPP_SWEEP_ERROR and weight.device.type == "cpu" else "torch"
+        if weight.device.type == "cuda":
+            sweep = "triton"
+        else:
+            sweep = "cpp" if not _CPP_SWEEP_ERROR and weight.device.type == "cpu" else "torch"
     g = resolve_group_size(group_size, n_cols)
     n_groups = n_cols // g
 

@@ -8,7 +8,7 @@ numpy (tests/conftest.py sets it before triton is imported).
 import pytest
 import torch
 
-from fade_kernels.solver.gptq import StaticGrids, gptq_sweep
+from fade_kernels.solver.gptq import StaticGrids, gptq_quantize, gptq_sweep
 from fade_kernels.solver.grid import compute_grid
 from fade_kernels.solver.triton_sweep import static_grids_for, triton_gptq_sweep
 
@@ -130,3 +130,15 @@ def test_rejects_bad_arguments(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         triton_gptq_sweep(w, u, 4, 32)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_quantize_with_the_triton_sweep_equals_the_torch_loop(act_order):
+    generator = torch.Generator().manual_seed(31 + act_order)
+    weight = torch.randn(24, 128, generator=generator)
+    x = torch.randn(400, 128, generator=generator) @ (torch.eye(128) + 0.1 * torch.randn(128, 128, generator=generator))
+    hessian = x.t() @ x / 400
+    ref = gptq_quantize(weight, hessian, bits=3, group_size=32, act_order=act_order, block_size=64, sweep="torch")
+    got = gptq_quantize(weight, hessian, bits=3, group_size=32, act_order=act_order, block_size=64, sweep="triton")
+    assert torch.equal(ref.codes, got.codes) and torch.equal(ref.scales, got.scales) and torch.equal(ref.zeros, got.zeros)
+    assert ref.loss == got.loss

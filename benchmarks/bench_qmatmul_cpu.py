@@ -22,176 +22,24 @@ tensor copy, measured here per thread count.
   python benchmarks/bench_qmatmul_cpu.py                      # full table (~10 min on 2 cores)
   python benchmarks/bench_qmatmul_cpu.py --models large-v3 --m 1 --threads 2
   python benchmarks/bench_qmatmul_cpu.py --json out.json --md out.md
+
+The shared machinery (timing, copy bandwidth, baselines) lives in _common.py; bench_qmatmul.py
+is the full comparison (every Whisper and Moonshine shape, the issue's targets checked).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
-import statistics
-import subprocess
-import time
-import warnings
 
 import torch
-import torch.nn.functional as F
 
+from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, machine_info, make_aten_int4,
+                     make_dense, make_int8_dynamic, make_ours, ours_bytes, write_outputs)
 from fade_kernels.ops import cpu
-from fade_kernels.packing import pack_qweight, pack_qzeros
 
 SHAPES = {  # model -> [(layer, K in, N out)]
     "tiny": [("qkvo 384->384", 384, 384), ("fc1 384->1536", 384, 1536), ("fc2 1536->384", 1536, 384)],
     "large-v3": [("qkvo 1280->1280", 1280, 1280), ("fc1 1280->5120", 1280, 5120), ("fc2 5120->1280", 5120, 1280)],
 }
-
-
-# ---- machine --------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "l3_bytes": 32 << 20}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            value = value.strip()
-            if key.strip() == "Model name":
-                info["cpu"] = value
-            elif key.strip() == "L3 cache":  # e.g. "32 MiB (1 instance)"
-                num, unit = value.split()[:2]
-                info["l3_bytes"] = int(float(num) * {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}.get(unit, 1))
-            elif key.strip() == "Flags":
-                flags = set(value.split())
-                info["avx512f"] = "avx512f" in flags
-                info["avx2"] = "avx2" in flags
-                info["avx512_bf16"] = "avx512_bf16" in flags
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    info["cores"] = torch.get_num_threads()
-    info["torch"] = torch.__version__
-    info["kernel_isa"] = cpu.cpu_isa()
-    info["fused_max_m"] = {"float32": cpu.FUSED_MAX_M, "bfloat16": cpu.FUSED_MAX_M_BF16}
-    return info
-
-
-def copy_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
-    """STREAM-style copy bandwidth in GB/s: (read + write bytes) / time, best of 10."""
-    torch.set_num_threads(threads)
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = math.inf
-    for _ in range(10):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
-
-
-# ---- timing ---------------------------------------------------------------------------------
-
-STAT = "median"
-SETTLE_S = 3.0
-REPEAT = 1
-
-
-def bench(fn, rounds: int, target_s: float = 0.1) -> float:
-    """Seconds per call: the best over REPEAT series of a per-call statistic (STAT: median,
-    20th percentile or min) over >= rounds * target_s of individually timed calls.
-
-    Each call is timed on its own: on a shared machine a 2-thread call can wait whole scheduler
-    ticks (4-24 ms) for a descheduled OpenMP worker, and a mean would report those.
-    With more than one thread, each series first sleeps SETTLE_S: after a CPU-heavy series (a
-    1500-row GEMM, the copy-bandwidth probe) the scheduler makes the OpenMP worker wait behind
-    other processes for seconds (~8 ms per call, measured), and a short sleep resets that.
-    """
-    return min(_series(fn, rounds, target_s) for _ in range(REPEAT))
-
-
-def _series(fn, rounds: int, target_s: float) -> float:
-    if SETTLE_S > 0 and torch.get_num_threads() > 1:
-        time.sleep(SETTLE_S)
-    fn()
-    t = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t, 1e-7)
-    calls = max(3 * rounds, int(rounds * target_s / once))
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    if STAT == "p20":
-        return sorted(times)[len(times) // 5]
-    if STAT == "min":
-        return min(times)
-    return statistics.median(times)
-
-
-def copies_for(nbytes: int, l3: int, hot: bool) -> int:
-    """How many weight copies to cycle through so the working set is >= 3x the L3 cache."""
-    return 1 if hot else max(1, min(64, math.ceil(3 * l3 / max(nbytes, 1))))
-
-
-def rotating(make_call, copies: int):
-    """A zero-argument function that calls make_call(i) for i = 0, 1, ... copies-1, 0, ..."""
-    calls = [make_call(i) for i in range(copies)]
-    state = [0]
-
-    def run():
-        i = state[0]
-        state[0] = (i + 1) % copies
-        return calls[i]()
-    return run
-
-
-# ---- methods --------------------------------------------------------------------------------
-
-def ours_bytes(k: int, n: int, bits: int, group_size: int) -> int:
-    """Bytes of the CPU layout: words int32 [T, K*b/32, 32] + scales fp16 + zeros uint8 [T, G, 32]."""
-    cols = math.ceil(n / cpu.TILE_N) * cpu.TILE_N
-    return cols * (k * bits // 32 * 4 + k // group_size * 3)
-
-
-def make_ours(k: int, n: int, bits: int, group_size: int, copies: int, x: torch.Tensor, path: str = "auto"):
-    gen = torch.Generator().manual_seed(bits)
-    groups = k // group_size
-    packs = []
-    for _ in range(copies):
-        codes = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.int32)
-        zeros = torch.randint(0, 2 ** bits, (n, groups), generator=gen, dtype=torch.int32)
-        scales = (torch.rand(groups, n, generator=gen) * 0.01).half()
-        packs.append(cpu.repack_for_cpu(pack_qweight(codes, bits), pack_qzeros(zeros, bits), scales, bits, group_size))
-    return rotating(lambda i: (lambda: cpu.cpu_forward_packed(x, packs[i], path=path)), copies), \
-        ours_bytes(k, n, bits, group_size)
-
-
-def make_dense(k: int, n: int, dtype: torch.dtype, copies: int, x: torch.Tensor):
-    ws = [torch.randn(n, k).to(dtype) for _ in range(copies)]
-    xd = x.to(dtype)
-    return rotating(lambda i: (lambda: F.linear(xd, ws[i])), copies)
-
-
-def make_int8_dynamic(k: int, n: int, copies: int, x: torch.Tensor):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notice
-        from torch.ao.quantization import quantize_dynamic
-        mods = [quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)), {torch.nn.Linear},
-                                 dtype=torch.qint8) for _ in range(copies)]
-    xf = x.float()
-    return rotating(lambda i: (lambda: mods[i](xf)), copies)
-
-
-def make_aten_int4(k: int, n: int, group_size: int, copies: int, x: torch.Tensor, dtype: torch.dtype):
-    op = torch.ops.aten._weight_int4pack_mm_for_cpu
-    packs = []
-    for _ in range(copies):
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)           # uint8 [N, K/2]
-        sz = torch.stack([torch.rand(k // group_size, n) * 0.01, torch.zeros(k // group_size, n)], -1)
-        packs.append((packed, sz.to(dtype).contiguous()))                          # [G, N, 2] (scale, zero)
-    xd = x.to(dtype)
-    return rotating(lambda i: (lambda: op(xd, packs[i][0], group_size, packs[i][1])), copies)
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -243,7 +91,8 @@ def run(args) -> dict:
                                t_deq / base["bf16" if args.act == "bf16" else "fp32"]}
                         rows.append(row)
                         print(format_row(row), flush=True)
-    return {"machine": info, "hot": args.hot, "act": args.act, "stat": STAT, "repeat": REPEAT, "rows": rows}
+    return {"machine": info, "hot": args.hot, "act": args.act, "stat": TIMING["stat"], "repeat": TIMING["repeat"],
+            "rows": rows}
 
 
 def format_row(r: dict) -> str:
@@ -292,8 +141,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--md", help="write the markdown table here")
     args = parser.parse_args()
-    global STAT, SETTLE_S, REPEAT
-    STAT, SETTLE_S, REPEAT = args.stat, args.settle, args.repeat
+    configure_timing(args.stat, args.settle, args.repeat)
     ok, why = cpu.cpu_available()
     if not ok:
         raise SystemExit(f"CPU kernels unavailable: {why}")
@@ -301,12 +149,7 @@ def main() -> None:
     table = markdown(result)
     print()
     print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table + "\n")
+    write_outputs(result, table, args.json, args.md)
 
 
 if __name__ == "__main__":

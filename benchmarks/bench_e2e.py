@@ -111,7 +111,8 @@ def load_model(name: str, batch: int, args):
             source = f"{batch} seeded synthetic 8 s clips (no --manifest)"
         features = prepare_inputs(processor, audios)["input_features"]
         return model, features, source
-    settings = LARGE_V3 if name == "large-v3" else TOY
+    settings = dict(LARGE_V3, encoder_layers=args.large_v3_layers, decoder_layers=args.large_v3_layers) \
+        if name == "large-v3" else TOY
     model = random_whisper(settings, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     # Log-mel features of real audio lie in about [-1, 1.5] after Whisper's normalisation. The
@@ -153,6 +154,20 @@ def swap_in_quantized(model, names: list[str], bits: int, group_size: int) -> di
 
     replace_linears(model, names, make)
     return originals
+
+
+def step_names(names: list[str]) -> list[str]:
+    """The decoder linears read at every decoding step (cross-attention k/v run once, in the prefill)."""
+    return [n for n in names if ".decoder." in f".{n}" and not n.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))]
+
+
+def module_megabytes(model, names: list[str]) -> float:
+    """MB of the parameters and buffers of the named modules (what a forward through them reads)."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return total / 1e6
 
 
 def restore_linears(model, originals: dict) -> None:
@@ -292,8 +307,17 @@ def run_model(name: str, args) -> dict:
     linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
     print(f"{name}: {n_params / 1e6:.0f} M parameters ({linear_params / 1e6:.0f} M in {len(names)} quantizable "
           f"linears), built in {build_s:.1f} s; inputs: {source}", flush=True)
-    result = {"model": name, "inputs": source, "parameters": n_params, "quantized_parameters": linear_params,
+    check_tokens = args.check_tokens or (min(args.tokens, 8) if name == "large-v3" else args.tokens)
+    cfg = model.config
+    result = {"model": name, "inputs": source, "parameters": n_params,
+              "config": {key: getattr(cfg, key) for key in ("d_model", "encoder_layers", "decoder_layers",
+                                                            "encoder_ffn_dim", "vocab_size", "num_mel_bins")}, "quantized_parameters": linear_params,
               "n_quantized_linears": len(names), "build_s": build_s, "variants": {}, "checks": {}}
+    per_step = step_names(names)
+    # Bytes a decoding step reads (batch-1 decode is memory-bound): the quantized linears and the
+    # output projection (tied to the token embedding), which stays fp32 and bounds the speedup.
+    result["decoder_step_weights_mb"] = {"fp32": module_megabytes(model, per_step),
+                                         "output_projection_fp32": module_megabytes(model, ["proj_out"])}
     print("  fp32", flush=True)
     result["variants"]["fp32"] = {"timing": time_variant(model, features, args.batch, args.tokens, args.repeats)}
     for bits in args.bits:
@@ -301,11 +325,12 @@ def run_model(name: str, args) -> dict:
         t = time.perf_counter()
         originals = swap_in_quantized(model, names, bits, args.group_size)
         quant_s = time.perf_counter() - t
+        result["decoder_step_weights_mb"][label] = module_megabytes(model, per_step)
         print(f"  {label} (RTN + CPU repack in {quant_s:.1f} s)", flush=True)
         result["variants"][label] = {"quantize_s": quant_s,
                                      "timing": time_variant(model, features, args.batch, args.tokens, args.repeats)}
         if not args.no_check:
-            check = check_reference(model, features[:args.check_batch], args.check_tokens)
+            check = check_reference(model, features[:args.check_batch], check_tokens)
             result["checks"][label] = check
             print(f"    greedy ids cpu == torch reference: {check['equal']} (batch {check['batch']}, "
                   f"{check['tokens']} tokens; encoder max rel diff {check['encoder_max_rel_diff']:.1e}, "
@@ -356,6 +381,13 @@ def markdown(result: dict) -> str:
     lines = [machine_line(result["machine"]), "",
              f"{s['threads']} threads; greedy decoding of exactly {s['tokens']} tokens per utterance; RTN g{s['group_size']} "
              f"asymmetric, backend cpu; median of {s['repeats']} runs.", "",
+             *[f"- {name}: {res['parameters'] / 1e6:.0f} M parameters ({res['quantized_parameters'] / 1e6:.0f} M in "
+               f"{res['n_quantized_linears']} quantized linears), d_model {res['config']['d_model']}, "
+               f"{res['config']['encoder_layers']}+{res['config']['decoder_layers']} layers; inputs: {res['inputs']}; "
+               "weights read per decoding step: "
+               + ", ".join(f"{key} {mb:.1f} MB" for key, mb in res["decoder_step_weights_mb"].items())
+               for name, res in result["models"].items() if "skipped" not in res],
+             "",
              "| model | variant | B | encoder s | enc vs fp32 | decode s | tok/s | decode vs fp32 | prefill s | step ms | "
              "step vs fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -398,7 +430,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 variant")
     parser.add_argument("--no-check", action="store_true", help="skip the cpu-vs-reference greedy check")
     parser.add_argument("--check-batch", type=int, default=None, help="batch of the check (default: largest --batch)")
-    parser.add_argument("--check-tokens", type=int, default=None, help="tokens of the check (default: --tokens)")
+    parser.add_argument("--check-tokens", type=int, default=None,
+                        help="tokens of the check (default: --tokens; for large-v3 at most 8, because the torch "
+                             "reference dequantizes every weight at every step: ~10 s per large-v3 decoder step)")
+    parser.add_argument("--large-v3-layers", type=int, default=32,
+                        help="encoder and decoder layers of the large-v3-shaped model (fewer: a quick look only)")
     parser.add_argument("--manifest", help="tiny.en audio: a .jsonl manifest (its first utterances); default synthetic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 1, 16 tokens, 1 run, no bf16")
@@ -419,7 +455,6 @@ def parse_args(argv=None):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
     args.check_batch = args.check_batch or max(args.batch)
-    args.check_tokens = args.check_tokens or args.tokens
     return args
 
 
@@ -446,6 +481,7 @@ def main(argv=None) -> dict:
               "settings": {"threads": args.threads, "batch": args.batch, "tokens": args.tokens, "bits": args.bits,
                            "group_size": args.group_size, "repeats": args.repeats, "bf16": args.bf16,
                            "check_batch": args.check_batch, "check_tokens": args.check_tokens,
+                           "large_v3_layers": args.large_v3_layers,
                            "preset": "tiny" if args.tiny else "quick" if args.quick else "full",
                            "argv": sys.argv[1:] if argv is None else list(argv)},
               "models": models}

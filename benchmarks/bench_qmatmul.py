@@ -408,6 +408,7 @@ def parse_args(argv=None):
     parser.add_argument("--copy-mb", type=int, default=512, help="size of the copy-bandwidth probe")
     parser.add_argument("--gpu-iters", type=int, default=200, help="timed calls per GPU measurement")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when a GPU is present")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU section (GPU only)")
     parser.add_argument("--quick", action="store_true",
                         help="the target shapes, whisper-tiny fc1 and moonshine-tiny qkvo; M 1, 16, 1500; 2 threads")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on toy shapes (not a measurement)")
@@ -441,10 +442,13 @@ def main(argv=None) -> dict:
     models = selected_models(args)
     info = machine_info()
     print(machine_line(info), flush=True)
-    info["copy_gbps"] = {t: copy_bandwidth(t, args.copy_mb << 20) for t in args.threads}
-    print(f"copy bandwidth: {info['copy_gbps']}", flush=True)
-    print(CPU_HEADER, flush=True)
-    rows = run_cpu(args, models, info)
+    rows = []
+    info["copy_gbps"] = {}
+    if not args.no_cpu:
+        info["copy_gbps"] = {t: copy_bandwidth(t, args.copy_mb << 20) for t in args.threads}
+        print(f"copy bandwidth: {info['copy_gbps']}", flush=True)
+        print(CPU_HEADER, flush=True)
+        rows = run_cpu(args, models, info)
     summary = summarize(rows, args.threads)
     gpu = gpu_status()
     if args.no_gpu and gpu["available"]:

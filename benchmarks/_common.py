@@ -160,6 +160,14 @@ def rotating(make_call, copies: int):
 
 # ---- methods --------------------------------------------------------------------------------
 
+def effective_group(k: int, requested: int) -> int:
+    """`requested` when it divides K, else the largest of 64, 32 that does (Moonshine's K = 288, 416 take 32)."""
+    for g in (requested, 64, 32):
+        if g <= k and k % g == 0:
+            return g
+    raise ValueError(f"no group size in ({requested}, 64, 32) divides K={k}; K must be a multiple of 32")
+
+
 def ours_bytes(k: int, n: int, bits: int, group_size: int) -> int:
     """Bytes of the CPU layout: words int32 [T, K*b/32, 32] + scales fp16 + zeros uint8 [T, G, 32].
 

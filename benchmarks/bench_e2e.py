@@ -50,7 +50,7 @@ import time
 import numpy as np
 import torch
 
-from _common import machine_info, machine_line, write_outputs
+from _common import effective_group, machine_info, machine_line, write_outputs
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
 from fade_kernels.ops import cpu
 
@@ -128,14 +128,6 @@ def quantizable_names(model) -> list[str]:
     return get_adapter(model).quantizable_names(model)
 
 
-def effective_group(k: int, requested: int) -> int:
-    """`requested` when it divides K, else the largest of 64, 32 that does."""
-    for g in (requested, 64, 32):
-        if g <= k and k % g == 0:
-            return g
-    raise ValueError(f"no group size in ({requested}, 64, 32) divides in_features={k}")
-
-
 def swap_in_quantized(model, names: list[str], bits: int, group_size: int) -> dict:
     """Replace each named nn.Linear by an RTN QuantLinear (backend "cpu"), one layer at a time.
 
@@ -158,7 +150,8 @@ def swap_in_quantized(model, names: list[str], bits: int, group_size: int) -> di
 
 def step_names(names: list[str]) -> list[str]:
     """The decoder linears read at every decoding step (cross-attention k/v run once, in the prefill)."""
-    return [n for n in names if ".decoder." in f".{n}" and not n.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))]
+    once = ("encoder_attn.k_proj", "encoder_attn.v_proj")
+    return [n for n in names if ".decoder." in f".{n}" and not n.endswith(once)]
 
 
 def module_megabytes(model, names: list[str]) -> float:
@@ -261,7 +254,8 @@ def time_variant(model, features: torch.Tensor, batches: list[int], tokens: int,
                       "steady_tokens_per_s": b / step if step > 0 else float("nan"),
                       "runs": {"encoder_s": enc_runs, "decode_s": dec_runs}}
             print(f"    B={b}: encoder {out[b]['encoder_s']:.3f} s, decode {dec:.3f} s "
-                  f"({out[b]['tokens_per_s']:.1f} tok/s; prefill {out[b]['prefill_s']:.3f} s, step {step * 1e3:.1f} ms)",
+                  f"({out[b]['tokens_per_s']:.1f} tok/s; prefill {out[b]['prefill_s']:.3f} s, "
+                  f"step {step * 1e3:.1f} ms)",
                   flush=True)
     return out
 
@@ -311,7 +305,8 @@ def run_model(name: str, args) -> dict:
     cfg = model.config
     result = {"model": name, "inputs": source, "parameters": n_params,
               "config": {key: getattr(cfg, key) for key in ("d_model", "encoder_layers", "decoder_layers",
-                                                            "encoder_ffn_dim", "vocab_size", "num_mel_bins")}, "quantized_parameters": linear_params,
+                                                            "encoder_ffn_dim", "vocab_size", "num_mel_bins")},
+              "quantized_parameters": linear_params,
               "n_quantized_linears": len(names), "build_s": build_s, "variants": {}, "checks": {}}
     per_step = step_names(names)
     # Bytes a decoding step reads (batch-1 decode is memory-bound): the quantized linears and the
@@ -379,8 +374,8 @@ def summarize(models: dict, bits: list[int], batches: list[int]) -> dict:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [machine_line(result["machine"]), "",
-             f"{s['threads']} threads; greedy decoding of exactly {s['tokens']} tokens per utterance; RTN g{s['group_size']} "
-             f"asymmetric, backend cpu; median of {s['repeats']} runs.", "",
+             f"{s['threads']} threads; greedy decoding of exactly {s['tokens']} tokens per utterance; "
+             f"RTN g{s['group_size']} asymmetric, backend cpu; median of {s['repeats']} runs.", "",
              *[f"- {name}: {res['parameters'] / 1e6:.0f} M parameters ({res['quantized_parameters'] / 1e6:.0f} M in "
                f"{res['n_quantized_linears']} quantized linears), d_model {res['config']['d_model']}, "
                f"{res['config']['encoder_layers']}+{res['config']['decoder_layers']} layers; inputs: {res['inputs']}; "
@@ -388,8 +383,8 @@ def markdown(result: dict) -> str:
                + ", ".join(f"{key} {mb:.1f} MB" for key, mb in res["decoder_step_weights_mb"].items())
                for name, res in result["models"].items() if "skipped" not in res],
              "",
-             "| model | variant | B | encoder s | enc vs fp32 | decode s | tok/s | decode vs fp32 | prefill s | step ms | "
-             "step vs fp32 |",
+             "| model | variant | B | encoder s | enc vs fp32 | decode s | tok/s | decode vs fp32 | prefill s | "
+             "step ms | step vs fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in result["models"].items():
         if "skipped" in res:
@@ -399,9 +394,9 @@ def markdown(result: dict) -> str:
             for b, t in v["timing"].items():
                 sp = res["speedup_vs_fp32"].get(label, {}).get(str(b))
                 fmt = (lambda key: f"{sp[key]:.2f}x") if sp else (lambda key: "1.00x")
-                lines.append(f"| {name} | {label} | {b} | {t['encoder_s']:.3f} | {fmt('encoder')} | {t['decode_s']:.3f} | "
-                             f"{t['tokens_per_s']:.1f} | {fmt('decode')} | {t['prefill_s']:.3f} | {t['step_ms']:.1f} | "
-                             f"{fmt('decode_step')} |")
+                lines.append(f"| {name} | {label} | {b} | {t['encoder_s']:.3f} | {fmt('encoder')} | "
+                             f"{t['decode_s']:.3f} | {t['tokens_per_s']:.1f} | {fmt('decode')} | "
+                             f"{t['prefill_s']:.3f} | {t['step_ms']:.1f} | {fmt('decode_step')} |")
     lines += ["", "Greedy ids, backend cpu vs torch reference (same inputs, same quantized model):", ""]
     for name, res in result["models"].items():
         for label, c in res.get("checks", {}).items():

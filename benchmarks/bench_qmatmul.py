@@ -42,13 +42,14 @@ import argparse
 import math
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
-from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, machine_info, machine_line,
-                     make_aten_int4, make_dense, make_int8_dynamic, make_ours, ours_bytes, random_gptq_tensors,
-                     rotating, write_outputs)
+from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, effective_group, machine_info,
+                     machine_line, make_aten_int4, make_dense, make_int8_dynamic, make_ours, ours_bytes,
+                     random_gptq_tensors, rotating, write_outputs)
 from fade_kernels.ops import cpu
 from fade_kernels.ops.registry import BACKENDS
 
@@ -88,14 +89,6 @@ def layer_shapes(model: str) -> list[tuple[str, int, int]]:
         shapes.append((f"dec fc1 {d}->{2 * ffn}", d, 2 * ffn))
     shapes.append((f"fc2 {ffn}->{d}", ffn, d))
     return shapes
-
-
-def effective_group(k: int, requested: int) -> int:
-    """`requested` when it divides K, else the largest of 64, 32 that does."""
-    for g in (requested, 64, 32):
-        if g <= k and k % g == 0:
-            return g
-    raise ValueError(f"no group size in ({requested}, 64, 32) divides K={k}; K must be a multiple of 32")
 
 
 # ---- CPU ------------------------------------------------------------------------------------
@@ -171,10 +164,10 @@ def run_cpu(args, models: dict, info: dict) -> list[dict]:
 def format_row(r: dict) -> str:
     sp = r["speedup"]
     deq = "" if r["dequant_ms"] is None else f"{r['dequant_ms']:.2f} ({r['dequant_over_dense']:.2f}x)"
-    return (f"| {r['model']} {r['layer']} | {r['M']} | {r['threads']} | {r['act']} | {r['bits']} | g{r['group_size']} | "
-            f"{r['path']} | {r['ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.0f}% | {sp['fp32']:.2f}x | "
-            f"{sp['bf16']:.2f}x | {sp['int8-dyn']:.2f}x | {sp['aten-int4']:.2f}x | {r['over_dense_same_dtype']:.2f} | "
-            f"{r['baseline_ms']['fp32']:.3f} | {deq} |")
+    return (f"| {r['model']} {r['layer']} | {r['M']} | {r['threads']} | {r['act']} | {r['bits']} | "
+            f"g{r['group_size']} | {r['path']} | {r['ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.0f}% | "
+            f"{sp['fp32']:.2f}x | {sp['bf16']:.2f}x | {sp['int8-dyn']:.2f}x | {sp['aten-int4']:.2f}x | "
+            f"{r['over_dense_same_dtype']:.2f} | {r['baseline_ms']['fp32']:.3f} | {deq} |")
 
 
 CPU_HEADER = ("| layer | M | thr | act | bits | group | path | ms | GB/s | % copy BW | vs fp32 | vs bf16 | "
@@ -266,7 +259,6 @@ def gpu_time(fn, iters: int, device: torch.device) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
-    import time
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -400,7 +392,8 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--target-s", type=float, default=0.1, help="seconds per round of timed calls")
-    parser.add_argument("--dequant-from", type=int, default=128, help="also time the dequant + GEMM path from this M up")
+    parser.add_argument("--dequant-from", type=int, default=128,
+                        help="also time the dequant + GEMM path from this M up")
     parser.add_argument("--hot", action="store_true", help="reuse one weight copy (cache-resident)")
     parser.add_argument("--stat", choices=["median", "p20", "min"], default="median")
     parser.add_argument("--repeat", type=int, default=1, help="series per timing; the best one is kept")
@@ -411,7 +404,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU section (GPU only)")
     parser.add_argument("--quick", action="store_true",
                         help="the target shapes, whisper-tiny fc1 and moonshine-tiny qkvo; M 1, 16, 1500; 2 threads")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on toy shapes (not a measurement)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a seconds-long smoke run on toy shapes, 1 thread (not a measurement)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--md", help="write the markdown report here")
     args = parser.parse_args(argv)

@@ -90,11 +90,13 @@ def test_bench_e2e_tiny_writes_expected_json(smoke_runs):
     for variant in toy["variants"].values():
         assert set(variant["timing"]) == {"1", "2"}
         for timing in variant["timing"].values():
-            assert {"encoder_s", "decode_s", "prefill_s", "step_ms", "tokens_per_s", "steady_tokens_per_s"} <= set(timing)
+            keys = {"encoder_s", "decode_s", "prefill_s", "step_ms", "tokens_per_s", "steady_tokens_per_s"}
+            assert keys <= set(timing)
             assert timing["encoder_s"] > 0 and timing["tokens_per_s"] > 0
     assert set(toy["speedup_vs_fp32"]) == {"w4", "w3", "bf16"}
     assert set(toy["decoder_step_weights_mb"]) == {"fp32", "output_projection_fp32", "w4", "w3"}
-    assert toy["decoder_step_weights_mb"]["w3"] < toy["decoder_step_weights_mb"]["w4"] < toy["decoder_step_weights_mb"]["fp32"]
+    weights_mb = toy["decoder_step_weights_mb"]
+    assert weights_mb["w3"] < weights_mb["w4"] < weights_mb["fp32"]
     # The greedy check is real even on the toy model: cpu backend and torch reference agree.
     for label in ("w4", "w3"):
         check = toy["checks"][label]

@@ -27,14 +27,18 @@ repack is done before timing by one call per layer).
 Check (per quantized variant): the full pipeline (encoder + generate) through backend "cpu" and
 through the torch reference backend on the same inputs must give the same greedy token ids;
 reported with the encoder outputs' largest relative difference and the smallest top-1/top-2
-logit margin of the run (a near tie is the only way rounding can flip a greedy token).
+logit margin of the run (a near tie is the only way rounding can flip a greedy token). The check
+decodes --check-tokens tokens (default --tokens; at most 8 for large-v3, where the reference
+dequantizes ~0.8 G weights at every step, ~10 s each) on --check-batch utterances (default: the
+largest --batch).
 
 Memory: the large-v3 fp32 model is built once; quantized variants swap QuantLinears in layer by
 layer and swap the fp32 linears back afterwards (peak ~ fp32 model + one quantized copy + its CPU
 repack, ~8 GB); bf16 is a cast in place at the end.
 
   python benchmarks/bench_e2e.py --manifest devset/eval.jsonl --json runs/e2e.json --md runs/e2e.md
-  python benchmarks/bench_e2e.py --quick                # batch 1, 16 tokens, no bf16
+      # both models, B = 1 and 4, 32 tokens, 3 runs each (estimate: ~40 min on 2 cores, mostly large-v3)
+  python benchmarks/bench_e2e.py --quick                # batch 1, 16 tokens, 1 run, no bf16 (~10 min)
   python benchmarks/bench_e2e.py --models tiny.en --batch 1 4 --tokens 32
 """
 from __future__ import annotations

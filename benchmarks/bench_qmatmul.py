@@ -33,7 +33,7 @@ with 2 threads every series first sleeps --settle seconds (see _common.bench). T
 
   python benchmarks/bench_qmatmul.py --json runs/bench_qmatmul.json --md runs/bench_qmatmul.md
       # full table: 7 models x 3-4 shapes x 5 M x 2 threads x 2 dtypes (a couple of hours on 2 cores)
-  python benchmarks/bench_qmatmul.py --quick       # the target shapes and a few others (~10 min)
+  python benchmarks/bench_qmatmul.py --quick       # the target shapes and two others, 2 threads (~15 min)
   python benchmarks/bench_qmatmul.py --models whisper-large-v3 --m 1 --threads 2 --act fp32
 """
 from __future__ import annotations

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+# One definition of "can this process compile Triton for NVIDIA" and of the exit codes, shared
+# with the matmul kernels' check.
+from fade_kernels.ops.triton_compile_check import EXIT_FAILED, EXIT_OK, EXIT_UNUSABLE, unusable_reason  # noqa: E402
+
 
 # (bits, sym, static): every code path of the kernel at least once.
 CASES = ((4, False, False), (3, False, False), (4, True, False), (3, True, True), (4, False, True))
@@ -125,24 +127,6 @@ def _resource_usage(cubin: bytes) -> dict:
             return {}
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text)
     return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))} if m else {}
-
-
-def unusable_reason() -> str:
-    """Why this process cannot compile Triton kernels ("" when it can)."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        return "TRITON_INTERPRET is set: run this check in a process without it"
-    try:
-        import triton  # noqa: F401
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError as exc:
-        return f"triton (with its NVIDIA backend) does not import: {exc}"
-    try:
-        path = get_ptxas(90).path
-    except Exception as exc:  # triton raises a plain RuntimeError when no ptxas is found
-        return f"no ptxas found by triton: {exc}"
-    if not path or not os.path.exists(path):
-        return f"no ptxas found by triton (looked for {path!r})"
-    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,27 @@ Lifecycle, per stack (encoder first, then decoder):
      on the group's shared input (masked rows dropped), solve the group with RTN or GPTQ
      (stacked weights, one sweep), and write the dequantized weights into the live block so
      the next group sees the quantized upstream;
-  3. run the quantized block once more to produce the next block's inputs.
-The decoder's cross-attention reads the quantized encoder's output. At the end every solved
-nn.Linear is swapped for a QuantLinear built from the codes.
+  3. run the quantized block once more to produce the next block's inputs;
+  4. swap the block's solved nn.Linear for QuantLinear (packed codes) and, with a resume
+     folder, checkpoint the block and the next inputs (calib/resume.py).
+The decoder's cross-attention reads the quantized encoder's output.
+
+Memory. Resident: the model, the current block's full-precision twin (QEP/FADE), the activation
+caches (each chain's next inputs per batch, the encoder outputs, the twin's group inputs of the
+current block) and one group's statistics. The caches go through calib/cache.py's
+ActivationCache: with max_memory they stay in RAM up to that budget and are memory-mapped from
+files beyond it. Model weights are never copied wholesale: no .to()/.float()/clone() of the
+model, only the current block is deep-copied (its twin) and written (dequantized weights, COW
+pages when the weights are memory-mapped), and each finished block is packed at once, dropping
+its dense weights. transformers' from_pretrained memory-maps float32 safetensors files (5.x,
+copy-on-write), so blocks not yet processed stay file-backed pages the kernel can evict; a
+float16 checkpoint loaded as float32 is necessarily converted into RAM at load time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fade_kernels.calib.cache import ActivationCache, CachedTensor, load, materialize, parse_size
 from fade_kernels.calib.capture import GramAccumulator, StopForward, capture_block_inputs, run_block
+from fade_kernels.calib.resume import ResumeMismatchError, ResumeState, SavedState, run_fingerprint
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
 from fade_kernels.models.adapters import ENCODER_FRAMES, OWN_TOKENS, ModelAdapter, get_adapter
@@ -65,11 +81,19 @@ class LayerReport:
 
 @dataclass
 class QuantizationReport:
+    """config: QuantConfig.to_dict(); layers in solve order; seconds: wall time of this call;
+    peak_rss_mb: process-lifetime peak RSS; stage_seconds: exclusive seconds per pipeline stage
+    (StageTimer.STAGES); resumed_blocks: blocks restored from a resume folder instead of being
+    quantized by this call; offloaded_mb: activation cache bytes written to disk (max_memory)."""
+
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     n_calib: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+    resumed_blocks: int = 0
+    offloaded_mb: float = 0.0
 
     def summary(self) -> str:
         errors = [layer.rel_output_error for layer in self.layers]
@@ -85,18 +109,29 @@ class QuantizationReport:
         alphas = [layer.alpha for layer in self.layers if layer.alpha is not None]
         if alphas:
             lines.append(f"alpha: mean {sum(alphas) / len(alphas):.3f}, min {min(alphas):.3f}, max {max(alphas):.3f}")
+        timed = {name: value for name, value in self.stage_seconds.items() if value >= 0.05}
+        if timed:
+            lines.append("seconds per stage: " + ", ".join(f"{name} {value:.1f}" for name, value in timed.items()))
+        if self.resumed_blocks:
+            lines.append(f"resumed: {self.resumed_blocks} blocks restored from the resume folder")
+        if self.offloaded_mb:
+            lines.append(f"activation caches offloaded to disk: {self.offloaded_mb:.0f} MB written")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (config, seconds, peak_rss_mb, n_calib, layers as dicts)."""
         return {"config": self.config, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
-                "n_calib": self.n_calib, "layers": [asdict(layer) for layer in self.layers]}
+                "n_calib": self.n_calib, "stage_seconds": dict(self.stage_seconds),
+                "resumed_blocks": self.resumed_blocks, "offloaded_mb": self.offloaded_mb,
+                "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantizationReport":
         layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data.get("layers", [])]
         return cls(config=data["config"], layers=layers, seconds=data.get("seconds", 0.0),
-                   peak_rss_mb=data.get("peak_rss_mb", 0.0), n_calib=data.get("n_calib", 0))
+                   peak_rss_mb=data.get("peak_rss_mb", 0.0), n_calib=data.get("n_calib", 0),
+                   stage_seconds=dict(data.get("stage_seconds", {})), resumed_blocks=data.get("resumed_blocks", 0),
+                   offloaded_mb=data.get("offloaded_mb", 0.0))
 
 
 def _peak_rss_mb() -> float:
@@ -240,41 +275,138 @@ def _relative_output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessi
     return float((num / den.clamp(min=1e-30)).clamp(min=0).sqrt())
 
 
-class _StackQuantizer:
-    """Runs steps 2-3 of the lifecycle over one stack's blocks, on one or two chains."""
+class StageTimer:
+    """Exclusive wall seconds per pipeline stage, accumulated over a run (report.stage_seconds).
 
-    def __init__(self, config: QuantConfig, report: QuantizationReport, solved: dict, progress: bool,
-                 track_fp: bool):
-        self.config, self.report, self.solved, self.progress = config, report, solved, progress
+    Stages: capture (block-0 inputs), forward (full-precision twin, next inputs, final norm),
+    statistics (Gram accumulation passes), factorisation (GPTQ's inverse-Hessian factor), sweep
+    (GPTQ column sweep), solve (everything else in the solvers: QEP correction, FADE's alpha, AWQ's
+    search, RTN), diagnostics (report errors), packing (QuantLinear.from_codes), checkpoint (resume
+    state writes), offload (activation cache writes to disk). A stage timed inside another is
+    subtracted from the outer one, so the values add up to the timed total.
+    """
+
+    STAGES = ("capture", "forward", "statistics", "factorisation", "sweep", "solve", "diagnostics", "packing",
+              "checkpoint", "offload")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self._stack: list[list] = []   # [stage, start, seconds of nested stages]
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self._stack.append([stage, time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            name, begin, nested = self._stack.pop()
+            elapsed = time.perf_counter() - begin
+            self.seconds[name] += elapsed - nested
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+    def wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            with self(stage):
+                return fn(*args, **kwargs)
+        return timed
+
+    @contextlib.contextmanager
+    def gptq_hooks(self):
+        """Time GPTQ's factorisation and sweep for the duration of the block.
+
+        The solver stays a pure function without timing arguments: its two module-level callees
+        are wrapped here and restored on exit (every caller, AWQ's and FADE's GPTQ included, goes
+        through them). Not thread-safe, like any module attribute swap."""
+        from fade_kernels.solver import gptq as gptq_module
+
+        originals = {"inverse_cholesky_upper": gptq_module.inverse_cholesky_upper,
+                     "gptq_sweep": gptq_module.gptq_sweep}
+        gptq_module.inverse_cholesky_upper = self.wrap("factorisation", originals["inverse_cholesky_upper"])
+        gptq_module.gptq_sweep = self.wrap("sweep", originals["gptq_sweep"])
+        try:
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(gptq_module, name, fn)
+
+
+class _StackQuantizer:
+    """Runs steps 2-4 of the lifecycle over one stack's blocks, on one or two chains.
+
+    Block call kwargs hold their activations ("hidden_states", and the decoder's
+    "encoder_hidden_states") as CachedTensor entries of `cache`, which keeps them in RAM or on
+    disk; the full-precision twin's group inputs go through the same cache.
+    on_block_done(stack_name, index, block, layer_names, calls, fp_calls) runs after each block
+    is packed (the resume checkpoint)."""
+
+    def __init__(self, config: QuantConfig, report: QuantizationReport, progress: bool, track_fp: bool,
+                 cache: ActivationCache | None = None, timer: StageTimer | None = None, on_block_done=None):
+        self.config, self.report, self.progress = config, report, progress
         self.track_fp = track_fp
         self.n_halves = 2 if config.method.startswith("fade") else 1
+        self.cache = cache if cache is not None else ActivationCache()
+        self.timer = timer if timer is not None else StageTimer()
+        self.on_block_done = on_block_done
+        self.solved: dict[str, list] = {}   # the current block's solutions: full name -> [codes, scales, zeros]
+        self.quantized: list[str] = []      # every packed layer, in solve order
+
+    def put(self, tensor: torch.Tensor, replaces: CachedTensor | None = None) -> CachedTensor:
+        with self.timer("offload"):
+            return self.cache.put(tensor, replaces)
 
     def run(self, stack_name: str, layers: nn.ModuleList, layer_prefix: str, groups, calls: list[dict],
-            masks: list[dict], halves: list[torch.Tensor], fp_calls: list[dict] | None = None):
-        """calls / fp_calls: per batch, the first block's call kwargs on the quantized / full-precision
-        chain; masks: per batch {own, encoder} bool (B, T); halves: per batch int64 (B,) cross-fitting
-        half of each utterance. Returns the last block's outputs per batch for both chains
-        (the second list is None without the full-precision chain)."""
-        bar = tqdm(total=len(layers) * len(groups), desc=f"{stack_name} blocks", unit="group", disable=not self.progress)
-        for index, block in enumerate(layers):
+            masks: list[dict], halves: list[torch.Tensor], fp_calls: list[dict] | None = None, start: int = 0):
+        """calls / fp_calls: per batch, the current block's call kwargs on the quantized / full-precision
+        chain (activations as CachedTensor); masks: per batch {own, encoder} bool (B, T); halves: per
+        batch int64 (B,) cross-fitting half of each utterance; start: first block to quantize (earlier
+        ones were restored by a resumed run). Returns the last block's output entries per batch for
+        both chains (the second list is None without the full-precision chain)."""
+        bar = tqdm(total=(len(layers) - start) * len(groups), desc=f"{stack_name} blocks", unit="group",
+                   disable=not self.progress)
+        for index in range(start, len(layers)):
+            block = layers[index]
+            block_name = f"{layer_prefix}.{index}"
             bar.set_postfix_str(f"block {index + 1}/{len(layers)}")
             fp_rows = None
             if fp_calls is not None:
                 # The full-precision twin of this block, run once: its groups' inputs (valid rows
                 # only) for G and D, and its output as the next block's full-precision input.
-                fp_rows = self._run_fp_twin(copy.deepcopy(block), groups, fp_calls, masks)
+                with self.timer("forward"):
+                    fp_rows = self._run_fp_twin(copy.deepcopy(block), groups, fp_calls, masks)
             for group_index, group in enumerate(groups):
-                self._solve_group(block, f"{layer_prefix}.{index}", group, calls, masks, halves,
+                self._solve_group(block, block_name, group, calls, masks, halves,
                                   None if fp_rows is None else fp_rows[group_index], stack_name, index)
+                if fp_rows is not None:
+                    for entry in fp_rows[group_index]:
+                        self.cache.release(entry)
                 bar.update(1)
-            for call in calls:
-                call["hidden_states"] = run_block(block, call)
+            with self.timer("forward"):
+                for call in calls:
+                    call["hidden_states"] = self.put(run_block(block, materialize(call)), call["hidden_states"])
+            names = self._pack_block(block, block_name)
+            if self.on_block_done is not None:
+                self.on_block_done(stack_name, index, block, names, calls, fp_calls)
         bar.close()
         fp_out = None if fp_calls is None else [call["hidden_states"] for call in fp_calls]
         return [call["hidden_states"] for call in calls], fp_out
 
-    @staticmethod
-    def _run_fp_twin(fp_block: nn.Module, groups, fp_calls: list[dict], masks: list[dict]) -> list[list[torch.Tensor]]:
+    def _pack_block(self, block: nn.Module, block_name: str) -> list[str]:
+        """Swap the block's solved nn.Linear for QuantLinear now: the block never runs again, and
+        its dense weights and int32 codes are freed instead of waiting for the end of the run.
+        Returns the swapped names relative to the block, in solve order."""
+        config = self.config
+        prefix = block_name + "."
+        names = [name[len(prefix):] for name in self.solved]
+        with self.timer("packing"):
+            replace_linears(block, names, lambda name, linear: QuantLinear.from_codes(
+                *self.solved[prefix + name], bits=config.bits, group_size=config.group_size,
+                bias=None if linear.bias is None else linear.bias.detach(), sym=config.sym))
+        self.quantized += [prefix + name for name in names]
+        self.solved.clear()
+        return names
+
+    def _run_fp_twin(self, fp_block: nn.Module, groups, fp_calls: list[dict], masks: list[dict]) -> list[list]:
         rows = [[] for _ in groups]
         current = {}
 
@@ -282,7 +414,7 @@ class _StackQuantizer:
             def hook(module, args):
                 x = args[0].detach()
                 mask = current[mask_key]
-                rows[group_index].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float())
+                rows[group_index].append(self.put(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float()))
             return hook
 
         handles = [fp_block.get_submodule(group.names[0]).register_forward_pre_hook(make_hook(i, group.mask))
@@ -290,7 +422,7 @@ class _StackQuantizer:
         try:
             for call, mask in zip(fp_calls, masks):
                 current.update(mask)
-                call["hidden_states"] = run_block(fp_block, call)
+                call["hidden_states"] = self.put(run_block(fp_block, materialize(call)), call["hidden_states"])
         finally:
             for handle in handles:
                 handle.remove()
@@ -305,7 +437,7 @@ class _StackQuantizer:
             x = args[0].detach()
             mask = current["mask"]
             x_hat = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float()
-            delta = None if fp_rows is None else fp_rows[current["batch"]] - x_hat
+            delta = None if fp_rows is None else load(fp_rows[current["batch"]]) - x_hat
             half = None
             if self.n_halves == 2:
                 half = current["halves"][:, None].expand(mask.shape)[mask]
@@ -318,7 +450,7 @@ class _StackQuantizer:
             for batch, (call, mask) in enumerate(zip(calls, masks)):
                 current.update(mask=mask[group.mask], batch=batch, halves=halves[batch])
                 try:
-                    run_block(block, call)
+                    run_block(block, materialize(call))
                 except StopForward:
                     pass
         finally:
@@ -328,13 +460,15 @@ class _StackQuantizer:
     def _solve_group(self, block, block_name, group, calls, masks, halves, fp_rows, stack_name, block_index):
         modules = [block.get_submodule(name) for name in group.names]
         width = modules[0].in_features
-        accumulator = self._collect_stats(block, group, calls, masks, halves, fp_rows)
-        stats = accumulator.stats()
-        half_stats = (accumulator.half_stats(0), accumulator.half_stats(1)) if self.n_halves == 2 else None
+        with self.timer("statistics"):
+            accumulator = self._collect_stats(block, group, calls, masks, halves, fp_rows)
+            stats = accumulator.stats()
+            half_stats = (accumulator.half_stats(0), accumulator.half_stats(1)) if self.n_halves == 2 else None
         excluded = [group.role in self.config.qep_exclude or name in self.config.qep_exclude
                     or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in group.names]
-        solutions = solve_linear_group([m.weight for m in modules], stats, self.config, half_stats,
-                                       accumulator.act_mean_abs, excluded, self._can_rescale(block, group, width))
+        with self.timer("solve"):
+            solutions = solve_linear_group([m.weight for m in modules], stats, self.config, half_stats,
+                                           accumulator.act_mean_abs, excluded, self._can_rescale(block, group, width))
         input_scale = solutions[0].input_scale
         for name, module, solution in zip(group.names, modules, solutions):
             weight_hat = _dequantized(solution.codes, solution.scales, solution.zeros, width)
@@ -344,19 +478,20 @@ class _StackQuantizer:
             else:
                 effective = weight_hat
             full_name = f"{block_name}.{name}"
-            layer_report = LayerReport(
-                full_name, tuple(module.weight.shape),
-                _relative_output_error(solution.target, effective, stats.hessian),
-                accumulator.valid_fraction, stack=stack_name, block=block_index, alpha=solution.alpha,
-                rho=solution.rho, vulnerability=solution.vulnerability)
-            if stats.cross is not None:
-                fp_error, propagated = output_error_vs_full_precision(module.weight.detach(), effective, stats)
-                layer_report.rel_error_fp, layer_report.propagated_error = fp_error, propagated
-                if not solution.alpha:
-                    layer_report.rel_error_fp_uncorrected = fp_error
-                elif solution.uncorrected is not None:
-                    layer_report.rel_error_fp_uncorrected = output_error_vs_full_precision(
-                        module.weight.detach(), solution.uncorrected, stats)[0]
+            with self.timer("diagnostics"):
+                layer_report = LayerReport(
+                    full_name, tuple(module.weight.shape),
+                    _relative_output_error(solution.target, effective, stats.hessian),
+                    accumulator.valid_fraction, stack=stack_name, block=block_index, alpha=solution.alpha,
+                    rho=solution.rho, vulnerability=solution.vulnerability)
+                if stats.cross is not None:
+                    fp_error, propagated = output_error_vs_full_precision(module.weight.detach(), effective, stats)
+                    layer_report.rel_error_fp, layer_report.propagated_error = fp_error, propagated
+                    if not solution.alpha:
+                        layer_report.rel_error_fp_uncorrected = fp_error
+                    elif solution.uncorrected is not None:
+                        layer_report.rel_error_fp_uncorrected = output_error_vs_full_precision(
+                            module.weight.detach(), solution.uncorrected, stats)[0]
             self.report.layers.append(layer_report)
             # The live block now computes with the quantized weight, so later groups and
             # blocks see the quantized upstream (the quantized chain).
@@ -400,10 +535,21 @@ def _batches(samples: list[CalibSample], batch_size: int):
     return [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
 
 
+def _restore_block(block: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], config: QuantConfig) -> None:
+    """Put a finished block back as a resumed run saved it: empty QuantLinear at `names`, then
+    every tensor of the block's saved state_dict (strict, assigned without a copy)."""
+    replace_linears(block, names, lambda name, linear: QuantLinear(
+        linear.in_features, linear.out_features, config.bits, config.group_size, bias=linear.bias is not None,
+        sym=config.sym))
+    block.load_state_dict(tensors, strict=True, assign=True)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantConfig, batch_size: int = 8,
                    adapter: ModelAdapter | None = None, progress: bool = True,
-                   track_fp_error: bool | None = None) -> QuantizationReport:
+                   track_fp_error: bool | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                   keep_checkpoint: bool = False, max_memory: int | str | None = None,
+                   offload_dir: str | os.PathLike | None = None, run_info: dict | None = None) -> QuantizationReport:
     """Quantize every encoder and decoder linear layer of `model` in place.
 
     model: a transformers encoder-decoder ASR model (Whisper, Moonshine) in float32.
@@ -414,47 +560,132 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     full-precision output (default: only for QEP/FADE, which need that chain anyway; it costs one
     extra forward of each block). FADE's cross-fitting halves are the even and odd positions of
     `samples` (a random subset already, so the split is fixed by the subset's seed).
+    checkpoint_dir: resume folder (calib/resume.py). After every block the run's state is written
+      there atomically; called again with the same model, samples and settings, the run continues
+      after the last finished block with a bit-identical result. A folder holding another run's
+      state raises ResumeMismatchError. Deleted at the end unless keep_checkpoint.
+    max_memory: RAM budget of the activation caches, bytes or a size such as "4GB" (None: no
+      limit). Caches beyond it are written to `offload_dir` (default checkpoint_dir/activations,
+      else the system temp dir) and memory-mapped when used; results are identical.
+    run_info: JSON-able identification of the run (model spec, manifest, seed) added to the resume
+      fingerprint.
     """
     if not samples:
         raise ValueError("samples is empty: calibration needs at least one utterance")
     if config.method.startswith("fade") and len(samples) < 2:
         raise ValueError(f"method {config.method!r} needs at least 2 calibration utterances (one per cross-fitting half), "
                          f"got {len(samples)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    budget = parse_size(max_memory)
     two_chain = config.propagates if track_fp_error is None else (track_fp_error or config.propagates)
     adapter = adapter or get_adapter(model)
     model.eval()
     start = time.perf_counter()
+    resume = None
+    if checkpoint_dir is not None:
+        fingerprint = run_fingerprint(model, samples, config, batch_size, two_chain, type(adapter).__name__, run_info)
+        resume = ResumeState(checkpoint_dir, fingerprint)
+    if offload_dir is None and resume is not None:
+        offload_dir = resume.offload_dir
+    cache = ActivationCache(budget, offload_dir)
+    timer = StageTimer()
+    try:
+        with timer.gptq_hooks():
+            report = _quantize(model, samples, config, batch_size, adapter, progress, two_chain, resume, cache, timer)
+    finally:
+        cache.close()
+        if resume is not None:
+            resume.close()
+    if resume is not None and not keep_checkpoint:
+        resume.clear()
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_mb = _peak_rss_mb()
+    report.stage_seconds = {name: round(value, 6) for name, value in timer.seconds.items()}
+    report.offloaded_mb = cache.spilled_bytes / 1e6
+    return report
+
+
+def _quantize(model, samples, config, batch_size, adapter, progress, two_chain, resume: ResumeState | None,
+              cache: ActivationCache, timer: StageTimer) -> QuantizationReport:
     report = QuantizationReport(config=config.to_dict(), n_calib=len(samples))
-    solved: dict[str, tuple] = {}
-    stack = _StackQuantizer(config, report, solved, progress, two_chain)
     encoder, decoder = adapter.encoder(model), adapter.decoder(model)
+    enc_layers, dec_layers = adapter.encoder_layers(model), adapter.decoder_layers(model)
     names = {module: name for name, module in model.named_modules()}
     batches = _batches(samples, batch_size)
     halves = [torch.arange(i, i + len(batch)) % 2 for i, batch in zip(range(0, len(samples), batch_size), batches)]
+    put = cache.put
 
-    # Encoder: capture block-0 inputs; the mask keeps the frames that carry real audio.
-    enc_layers = adapter.encoder_layers(model)
+    # A resumed run: finished blocks come back from disk exactly as they were packed.
+    saved = resume.load() if resume is not None else None
+    stage, next_block = (saved.stage, saved.next_block) if saved else ("encoder", 0)
+    quantized = {"encoder": [], "decoder": []}
+    if saved:
+        report.layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in saved.layers]
+        quantized = {stack: [list(block) for block in saved.quantized.get(stack, [])] for stack in quantized}
+        with timer("checkpoint"):
+            for stack_name, layers in (("encoder", enc_layers), ("decoder", dec_layers)):
+                for index, block_names in enumerate(quantized[stack_name]):
+                    _restore_block(layers[index], resume.block_tensors(stack_name, index), block_names, config)
+        report.resumed_blocks = sum(len(blocks) for blocks in quantized.values())
+    encoder_outputs_file = saved.encoder_outputs if saved else None
+
+    def commit(stack_name, index, block, block_names, calls, fp_calls):
+        quantized[stack_name].append(block_names)
+        if resume is None:
+            return
+        with timer("checkpoint"):
+            state = SavedState(stack_name, index + 1, [asdict(layer) for layer in report.layers], quantized, None,
+                               encoder_outputs_file if stack_name == "decoder" else None)
+            resume.commit_block(stack_name, index, block.state_dict(), [c["hidden_states"] for c in calls],
+                                None if fp_calls is None else [c["hidden_states"] for c in fp_calls], state)
+
+    stack = _StackQuantizer(config, report, progress, two_chain, cache, timer, commit)
+    stack.quantized = [f"{names[layers]}.{index}.{name}" for stack_name, layers in (("encoder", enc_layers),
+                       ("decoder", dec_layers)) for index, block in enumerate(quantized[stack_name]) for name in block]
+
+    # Encoder: capture block-0 inputs; the mask keeps the frames that carry real audio. (A run
+    # resumed past the encoder still needs the masks and the collated inputs.)
     enc_calls, enc_masks, enc_inputs = [], [], []
     for batch in batches:
         inputs = adapter.collate_encoder_inputs(batch)
         enc_inputs.append(inputs)
-        call = capture_block_inputs(enc_layers[0], lambda: encoder(**inputs))
+        with timer("capture"):
+            call = capture_block_inputs(enc_layers[0], lambda: encoder(**inputs))
         n_frames = call["hidden_states"].shape[1]
         valid = torch.zeros(len(batch), n_frames, dtype=torch.bool)
         for row, sample in enumerate(batch):
             valid[row, : adapter.encoder_valid_frames(model, sample.n_samples, n_frames)] = True
-        enc_calls.append(call)
         enc_masks.append({OWN_TOKENS: valid})
-    # Both chains start from the same (full-precision) stem output.
-    enc_fp_calls = [dict(call) for call in enc_calls] if two_chain else None
-    hidden, fp_hidden = stack.run("encoder", enc_layers, names[enc_layers], adapter.encoder_groups, enc_calls,
-                                  enc_masks, halves, enc_fp_calls)
+        if stage == "encoder":
+            call["hidden_states"] = put(call["hidden_states"])
+            enc_calls.append(call)
     final_norm = adapter.encoder_final_norm(model)
-    encoder_outputs = [final_norm(h) for h in hidden]
-    fp_encoder_outputs = [final_norm(h) for h in fp_hidden] if two_chain else None
+    if stage == "encoder":
+        # Both chains start from the same (full-precision) stem output, each with its own entry.
+        enc_fp_calls = [{**call, "hidden_states": put(load(call["hidden_states"]))} for call in enc_calls] \
+            if two_chain else None
+        if next_block > 0:
+            _replace_hidden_states(resume, saved.activations, cache, enc_calls, enc_fp_calls)
+        hidden, fp_hidden = stack.run("encoder", enc_layers, names[enc_layers], adapter.encoder_groups, enc_calls,
+                                      enc_masks, halves, enc_fp_calls, start=next_block)
+        with timer("forward"):
+            encoder_outputs = [put(final_norm(load(entry))) for entry in hidden]
+            fp_encoder_outputs = [put(final_norm(load(entry))) for entry in fp_hidden] if two_chain else None
+        for entry in hidden + (fp_hidden or []):
+            cache.release(entry)
+        del enc_calls, enc_fp_calls, hidden, fp_hidden
+        if resume is not None:
+            with timer("checkpoint"):
+                encoder_outputs_file = resume.save_encoder_outputs(encoder_outputs, fp_encoder_outputs)
+        next_block = 0
+    else:
+        with timer("checkpoint"):
+            encoder_outputs, fp_encoder_outputs = resume.read_chains(encoder_outputs_file, put)
+        if two_chain and fp_encoder_outputs is None:
+            raise ResumeMismatchError(f"{resume.dir}: the saved encoder outputs lack the full-precision chain")
 
     # Decoder: teacher-forced on the transcript tokens, cross-attention on the quantized encoder.
-    dec_layers = adapter.decoder_layers(model)
     dec_calls, dec_masks, dec_fp_calls = [], [], []
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     for index, (batch, enc_out, enc_mask, inputs) in enumerate(zip(batches, encoder_outputs, enc_masks, enc_inputs)):
@@ -467,25 +698,37 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
         # Right padding under a causal mask cannot affect the real positions, so no decoder
         # attention mask is needed; padded rows are only dropped from the statistics.
         kwargs = adapter.decoder_call_kwargs(inputs, enc_mask[OWN_TOKENS])
-        call = capture_block_inputs(dec_layers[0], lambda: decoder(input_ids=ids, encoder_hidden_states=enc_out,
-                                                                    use_cache=False, **kwargs))
+        with timer("capture"):
+            call = capture_block_inputs(dec_layers[0], lambda: decoder(
+                input_ids=ids, encoder_hidden_states=load(enc_out), use_cache=False, **kwargs))
+        call["hidden_states"] = put(call["hidden_states"])
+        call["encoder_hidden_states"] = enc_out
         dec_calls.append(call)
         dec_masks.append({OWN_TOKENS: own, ENCODER_FRAMES: enc_mask[OWN_TOKENS]})
         if two_chain:
             # Same tokens; cross-attention reads the full-precision encoder's output.
-            dec_fp_calls.append({**call, "encoder_hidden_states": fp_encoder_outputs[index]})
-    stack.run("decoder", dec_layers, names[dec_layers], adapter.decoder_groups, dec_calls, dec_masks, halves,
-              dec_fp_calls if two_chain else None)
-
-    linears = dict(model.named_modules())
-    replace_linears(model, list(solved), lambda name, linear: QuantLinear.from_codes(
-        *solved[name], bits=config.bits, group_size=config.group_size,
-        bias=None if linear.bias is None else linear.bias.detach(), sym=config.sym))
-    del linears
-    model.config.quantization_config = quantization_config_dict(config, list(solved))
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_mb = _peak_rss_mb()
+            dec_fp_calls.append({**call, "hidden_states": put(load(call["hidden_states"])),
+                                 "encoder_hidden_states": fp_encoder_outputs[index]})
+    if stage == "decoder" and next_block > 0:
+        _replace_hidden_states(resume, saved.activations, cache, dec_calls, dec_fp_calls if two_chain else None)
+    hidden, fp_hidden = stack.run("decoder", dec_layers, names[dec_layers], adapter.decoder_groups, dec_calls,
+                                  dec_masks, halves, dec_fp_calls if two_chain else None, start=next_block)
+    for entry in hidden + (fp_hidden or []) + encoder_outputs + (fp_encoder_outputs or []):
+        cache.release(entry)
+    model.config.quantization_config = quantization_config_dict(config, stack.quantized)
     return report
+
+
+def _replace_hidden_states(resume: ResumeState, activations: str, cache: ActivationCache, calls: list[dict],
+                           fp_calls: list[dict] | None) -> None:
+    """A resumed run: the saved outputs of the last finished block become both chains' inputs."""
+    q, fp = resume.read_chains(activations, cache.put)
+    if len(q) != len(calls) or (fp_calls is not None and (fp is None or len(fp) != len(fp_calls))):
+        raise ResumeMismatchError(f"{resume.dir / activations} does not hold one tensor per batch and chain")
+    for chain_calls, entries in ((calls, q), (fp_calls or [], fp or [])):
+        for call, entry in zip(chain_calls, entries):
+            cache.release(call["hidden_states"])
+            call["hidden_states"] = entry
 
 
 def quantization_config_dict(config: QuantConfig, module_names: list[str]) -> dict:

@@ -43,6 +43,8 @@ def cmd_quantize(args) -> int:
     import torch
 
     from fade_kernels.api import quantize_model
+    from fade_kernels.calib.cache import parse_size
+    from fade_kernels.calib.resume import ResumeFolderBusyError, remove_resume_folder
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
@@ -50,6 +52,13 @@ def cmd_quantize(args) -> int:
 
     if args.n_calib < 1:
         raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
+    try:
+        parse_size(args.max_memory)
+    except ValueError:
+        raise CliError(f"--max-memory must be a size such as 4GB, 512MiB or a byte count, got {args.max_memory!r}") \
+            from None
+    if args.no_resume and (args.resume_dir or args.keep_resume_state):
+        raise CliError("--no-resume cannot be combined with --resume-dir or --keep-resume-state")
     if args.method not in DATA_FREE_METHODS and not args.calib:
         raise CliError(f"--calib is required for --method {args.method} (a manifest .jsonl or a LibriSpeech-style folder)")
     try:
@@ -72,8 +81,17 @@ def cmd_quantize(args) -> int:
         from fade_kernels.sweep import silence_samples
 
         samples = silence_samples(model, processor)
-    report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out)
+    resume_dir = None if args.no_resume else Path(args.resume_dir or f"{out}.partial")
+    if resume_dir is not None and (resume_dir / "state.json").is_file():
+        print(f"resuming from {resume_dir}: finished blocks are restored, the rest is quantized "
+              f"(a run with other settings or data is refused)")
+    try:
+        report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=not args.quiet,
+                                checkpoint_dir=resume_dir, keep_checkpoint=True, max_memory=args.max_memory,
+                                offload_dir=args.offload_dir)
+    except ResumeFolderBusyError as error:
+        raise CliError(f"--resume-dir: {error}") from None
     save_quantized(model, out, processor=processor)
     run_info = {"calib": args.calib, "seed": args.seed, "model": args.model}
     report_file = out / "quantization_report.json"
@@ -81,6 +99,9 @@ def cmd_quantize(args) -> int:
     _print_summary(report, out, full_precision_bytes)
     if args.report:
         _write_report_dir(report, Path(args.report), run_info)
+    if resume_dir is not None and not args.keep_resume_state:
+        # Only now: a kill before the checkpoint was saved resumes with every block restored.
+        remove_resume_folder(resume_dir)
     return 0
 
 
@@ -276,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--report", metavar="DIR", help="also write report.json and per-layer PNG plots here")
+    q.add_argument("--resume-dir", metavar="DIR",
+                   help="resume folder (default OUT.partial): the state after every finished block is written "
+                        "there; rerunning the same command after a crash or kill continues from the last finished "
+                        "block with an identical result; deleted once OUT is saved")
+    q.add_argument("--no-resume", action="store_true", help="write no resume state")
+    q.add_argument("--keep-resume-state", action="store_true", help="keep the resume folder after success")
+    q.add_argument("--max-memory", metavar="SIZE",
+                   help="RAM budget of the activation caches (e.g. 4GB, 512MiB); beyond it they are written to "
+                        "--offload-dir and memory-mapped, with identical results (default: no limit)")
+    q.add_argument("--offload-dir", metavar="DIR",
+                   help="where caches beyond --max-memory go (default: the resume folder, else the system temp "
+                        "dir; avoid a tmpfs)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=cmd_quantize)
 

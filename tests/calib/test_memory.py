@@ -1,0 +1,124 @@
+"""Bounded memory: activation caches on disk beyond a budget, identical results, stage timings."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fade_kernels import QuantConfig, quantize_model
+from fade_kernels.api import StageTimer
+from fade_kernels.calib.cache import ActivationCache, load, materialize, parse_size
+
+from test_resume import _one_thread, assert_identical, quantized_tensors, short_samples, short_whisper  # noqa: F401
+
+
+@pytest.mark.parametrize("text,expected", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", 1_500_000_000),
+                                           (" 100 kb ", 100_000), ("0", 0), (123, 123), (None, None)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["4 parsecs", "GB", "-1GB", -5, True])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError, match="max_memory"):
+        parse_size(bad)
+
+
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+def test_cache_spills_beyond_budget_and_maps_back_exactly(dtype, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = [(torch.randn(3, 17, 5, generator=generator) * 100).to(dtype) for _ in range(3)]
+    nbytes = tensors[0].numel() * tensors[0].element_size()
+    cache = ActivationCache(max_bytes=2 * nbytes, directory=tmp_path)
+    entries = [cache.put(t) for t in tensors]
+    assert [e.on_disk for e in entries] == [False, False, True]
+    assert cache.ram_bytes == 2 * nbytes and cache.disk_bytes == nbytes == cache.spilled_bytes
+    assert entries[0].get() is tensors[0]
+    back = entries[2].get()
+    assert back.dtype == dtype and back.shape == tensors[2].shape and torch.equal(back, tensors[2])
+    assert str(entries[2].path) in mapped_files()   # a memory map, not a read into RAM
+    # Releasing a RAM entry makes room: the replacement of an on-disk entry now fits in RAM.
+    cache.release(entries[0])
+    replaced = cache.put(tensors[2] + 1, replaces=entries[2])
+    assert not replaced.on_disk and not entries[2].path.exists() and cache.disk_bytes == 0
+    cache.release(entries[2])   # twice: harmless
+    folder = entries[2].path.parent
+    cache.close()
+    assert not folder.exists()
+
+
+def test_cache_with_zero_budget_and_empty_tensor(tmp_path):
+    cache = ActivationCache(max_bytes=0, directory=tmp_path)
+    assert not cache.put(torch.zeros(0, 4)).on_disk   # 0 bytes fit any budget
+    empty = cache._spill(torch.zeros(0, 4), 0)
+    assert empty.on_disk and empty.get().shape == (0, 4)
+    x = torch.arange(6.0).reshape(2, 3)
+    call = {"hidden_states": cache.put(x), "flag": True, "mask": None}
+    got = materialize(call)
+    assert torch.equal(got["hidden_states"], x) and got["flag"] is True and got["mask"] is None
+    assert load(x) is x
+    cache.close()
+    with pytest.raises(ValueError, match="max_bytes"):
+        ActivationCache(max_bytes=-1)
+
+
+@pytest.mark.parametrize("method,budget", [("fade", 0), ("qep", "150KB"), ("gptq", 0)])
+def test_results_on_disk_equal_results_in_ram(method, budget, tmp_path):
+    """Every cache (both chains' inputs, encoder outputs, the twin's group inputs) through files, or
+    a budget that keeps some of them in RAM: the same codes and report, bit for bit."""
+    base, samples = short_whisper(), short_samples()
+    config = QuantConfig(method=method, bits=3, group_size=32)
+    in_ram = copy.deepcopy(base)
+    expected = quantize_model(in_ram, samples, config, batch_size=2, progress=False, track_fp_error=True)
+    on_disk = copy.deepcopy(base)
+    report = quantize_model(on_disk, samples, config, batch_size=2, progress=False, track_fp_error=True,
+                            max_memory=budget, offload_dir=tmp_path)
+    assert expected.offloaded_mb == 0 and report.offloaded_mb > 0
+    assert_identical(quantized_tensors(on_disk), quantized_tensors(in_ram))
+    assert [vars(layer) for layer in report.layers] == [vars(layer) for layer in expected.layers]
+    assert list(tmp_path.iterdir()) == []   # the spill folder is removed
+
+
+def test_offload_folder_defaults_into_the_resume_folder(tmp_path, monkeypatch):
+    seen = []
+    original = ActivationCache._spill
+
+    def recording(self, tensor, nbytes):
+        entry = original(self, tensor, nbytes)
+        seen.append(entry.path)
+        return entry
+
+    monkeypatch.setattr(ActivationCache, "_spill", recording)
+    quantize_model(short_whisper(), short_samples(n=2), QuantConfig(method="gptq", bits=4, group_size=32),
+                   batch_size=2, progress=False, max_memory=0, checkpoint_dir=tmp_path / "resume")
+    assert seen and all(path.parent.parent == tmp_path / "resume" / "activations" for path in seen)
+    assert not (tmp_path / "resume").exists()
+
+
+def test_stage_timer_is_exclusive_and_restores_the_solver():
+    from fade_kernels.solver import gptq as gptq_module
+
+    timer = StageTimer()
+    original = gptq_module.gptq_sweep
+    with timer.gptq_hooks():
+        assert gptq_module.gptq_sweep is not original
+        with timer("solve"):
+            gptq_module.gptq_quantize(torch.randn(8, 64), torch.eye(64), bits=4, group_size=32)
+    assert gptq_module.gptq_sweep is original
+    assert timer.seconds["sweep"] > 0 and timer.seconds["factorisation"] > 0 and timer.seconds["solve"] >= 0
+
+
+def test_report_has_seconds_per_stage():
+    report = quantize_model(short_whisper(), short_samples(n=2), QuantConfig(method="gptq", bits=4, group_size=32),
+                            batch_size=2, progress=False)
+    stages = report.stage_seconds
+    assert set(stages) == set(StageTimer.STAGES)
+    for name in ("capture", "forward", "statistics", "factorisation", "sweep", "packing"):
+        assert stages[name] > 0, name
+    assert sum(stages.values()) <= report.seconds
+    assert report.to_dict()["stage_seconds"] == stages
+    assert "seconds per stage" in report.summary() or max(stages.values()) < 0.05

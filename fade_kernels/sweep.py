@@ -187,7 +187,7 @@ class PeakMemory:
         _malloc_trim()
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.method = "VmHWM after /proc/self/clear_refs reset (peak RSS within the quantization call)"
+            self.method = "peak VmHWM after a /proc/self/clear_refs reset"
         except OSError:
             self.method = "ru_maxrss (process-lifetime peak, not per configuration)"
         self.start_mb = _status_mb("VmRSS") or 0.0
@@ -300,7 +300,8 @@ def write_markdown(results: dict, path: Path, plots: Sequence[Path] = ()) -> str
         f"{meta.get('torch', '?')}.",
         "",
         "WER % as mean ± sample standard deviation over calibration seeds (n runs); data-free methods (RTN) "
-        "give one model for all seeds (n = 1). Quantize s: wall time of quantize_model. RSS +MB: increase of "
+        "give one model for all seeds (n = 1). Quantize s: wall time of quantize_model (× GPTQ time: the same "
+        "over GPTQ's at that width). RSS +MB: increase of "
         f"the process's resident memory during quantization ({meta.get('memory_method', 'see results.json')}). "
         "Linears MB: the quantized layers' storage (qweight + qzeros + scales + g_idx + bias; fp32 weight + "
         "bias for the fp row); model MB: all weights, tied tensors once (1 MB = 10^6 bytes). Bytes/token MB: "
@@ -311,20 +312,23 @@ def write_markdown(results: dict, path: Path, plots: Sequence[Path] = ()) -> str
            "(same model, faster on CPU)." if settings.get("dequantize_eval") else ""),
         "",
         "| method | bits | n | WER % | " + " | ".join(f"{name} WER %" for name in subset_names)
-        + " | quantize s | RSS +MB | linears MB | model MB | bytes/token MB |",
-        "|---|---|---|---|" + "---|" * len(subset_names) + "---|---|---|---|---|",
+        + " | quantize s | × GPTQ time | RSS +MB | linears MB | model MB | bytes/token MB |",
+        "|---|---|---|---|" + "---|" * len(subset_names) + "---|---|---|---|---|---|",
     ]
     if fp:
         per_subset = " | ".join(_pct(fp["subsets"][n]["wer"], None) if n in fp["subsets"] else "-" for n in subset_names)
-        lines.append(f"| fp32 | 32 | 1 | {_pct(fp['wer'], None)} | {per_subset} | - | - | "
+        lines.append(f"| fp32 | 32 | 1 | {_pct(fp['wer'], None)} | {per_subset} | - | - | - | "
                      f"{fp['weight_memory']['linears_bytes'] / MB:.1f} | {fp['weight_memory']['model_bytes'] / MB:.1f} | "
                      f"{fp['bytes_per_token']['total'] / MB:.2f} |")
+    gptq_seconds = {row["bits"]: row["quant_seconds_mean"] for row in rows if row["method"] == "gptq"}
     for row in rows:
         per_subset = " | ".join(_pct(row["subsets"][n]["mean"], row["subsets"][n]["std"]) if n in row["subsets"] else "-"
                                 for n in subset_names)
         rss = f"{row['rss_increase_mb_mean']:.0f}" if row["rss_increase_mb_mean"] is not None else "-"
+        ratio = (f"{row['quant_seconds_mean'] / gptq_seconds[row['bits']]:.2f}"
+                 if gptq_seconds.get(row["bits"]) else "-")
         lines.append(f"| {row['method']} | {row['bits']} | {row['n']} | {_pct(row['wer_mean'], row['wer_std'])} | "
-                     f"{per_subset} | {row['quant_seconds_mean']:.1f} | {rss} | {row['linears_mb']:.1f} | "
+                     f"{per_subset} | {row['quant_seconds_mean']:.1f} | {ratio} | {rss} | {row['linears_mb']:.1f} | "
                      f"{row['model_mb']:.1f} | {row['bytes_per_token_mb']:.2f} |")
     failed = results.get("failed", {})
     if failed:
@@ -453,6 +457,11 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
     print(f"sweep {model_id}: {len(methods)} methods x {len(bits_list)} widths x {len(seeds)} seeds; "
           f"{len(results['runs'])} runs done, {total} to run -> {out}", flush=True)
 
+    if total == 0 and results.get("fp") is not None:
+        # Everything is done: only the table and the plots are rewritten.
+        plot_paths = write_plots(results, out / "plots") if plots else []
+        write_markdown(results, out / "results.md", plot_paths)
+        return results
     if model_and_processor is not None:
         fp_model, processor = model_and_processor
     else:

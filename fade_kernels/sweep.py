@@ -181,12 +181,14 @@ class PeakMemory:
         self.start_mb = self.peak_mb = 0.0
         self.increase_mb: float | None = None
         self.method = ""
+        self._per_block = False
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
         _malloc_trim()
         try:
             Path("/proc/self/clear_refs").write_text("5")
+            self._per_block = True
             self.method = "peak VmHWM after a /proc/self/clear_refs reset"
         except OSError:
             self.method = "ru_maxrss (process-lifetime peak, not per configuration)"
@@ -194,7 +196,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        hwm = _status_mb("VmHWM") if self.method.startswith("VmHWM") else None
+        hwm = _status_mb("VmHWM") if self._per_block else None
         if hwm is None:
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.increase_mb = None

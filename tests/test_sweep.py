@@ -221,3 +221,15 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
     with sweep.PeakMemory() as quiet:
         pass
     assert quiet.increase_mb < 50      # the previous block's peak was reset, not carried over
+
+
+def test_sweep_with_propagating_methods_plots_alpha_and_rho(tiny_whisper, manifests, tmp_path):
+    out = tmp_path / "prop"
+    results = run(tiny_whisper, manifests, out, seeds=(3,), methods=["qep", "fade"])
+    assert results["failed"] == {} and set(results["runs"]) == {"qep/w4/seed3", "fade/w4/seed3"}
+    for record in results["runs"].values():
+        layers = record["report"]["layers"]
+        assert all(layer["alpha"] is not None and layer["rel_error_fp"] is not None for layer in layers)
+    assert all(layer["rho"] is not None for layer in results["runs"]["fade/w4/seed3"]["report"]["layers"])
+    for name in ("alpha_per_layer_w4.png", "rho_per_layer_w4.png", "error_vs_depth_w4.png"):
+        assert is_png(out / "plots" / name)

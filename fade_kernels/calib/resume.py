@@ -62,16 +62,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def _sampled_bytes(tensor: torch.Tensor, limit: int = 4096) -> bytes:
-    # At most `limit` evenly strided elements per tensor: hashing every weight of
-    # whisper-large-v3 (6 GB) would take seconds; this still tells two checkpoints apart.
+def _sampled_bytes(tensor: torch.Tensor, windows: int = 16, width: int = 256) -> bytes:
+    # 16 evenly spaced runs of 256 contiguous values per tensor: hashing every weight of
+    # whisper-large-v3 (6 GB) would take seconds, and strided single values would fault in nearly
+    # every page of a memory-mapped checkpoint; this still tells two checkpoints apart.
     flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // limit)
-    return _tensor_bytes(flat[::step])
+    if flat.numel() <= windows * width:
+        return _tensor_bytes(flat)
+    starts = torch.linspace(0, flat.numel() - width, windows).long().tolist()
+    return b"".join(_tensor_bytes(flat[start:start + width]) for start in starts)
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Class, config and a sampled hash of every tensor (name, shape, dtype, ~4096 values each)."""
+    """Class, config and a sampled hash of every tensor (name, shape, dtype, 4096 values each)."""
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
     for key in ("_name_or_path", "transformers_version", "quantization_config"):
@@ -100,9 +103,12 @@ def run_fingerprint(model, samples, config, batch_size: int, two_chain: bool, ad
     """Everything a bit-identical continuation depends on, as a JSON-ready dict.
 
     extra: caller's identification of the run (the CLI passes model spec, manifest, seed)."""
+    import fade_kernels
+
     return {"format": STATE_FORMAT, "config": config.to_dict(), "batch_size": int(batch_size),
             "two_chain": bool(two_chain), "adapter": adapter_name, "model": model_fingerprint(model),
-            "samples": samples_fingerprint(samples), "torch": torch.__version__, "extra": extra or {}}
+            "samples": samples_fingerprint(samples), "torch": torch.__version__,
+            "fade_kernels": fade_kernels.__version__, "extra": extra or {}}
 
 
 def _normalized(data) -> object:
@@ -242,8 +248,8 @@ class ResumeState:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             fh.close()
-            raise ResumeFolderBusyError(f"checkpoint_dir {self.dir} is in use by another process (its {LOCK_NAME} is locked); "
-                               f"one run per resume folder") from None
+            raise ResumeFolderBusyError(f"checkpoint_dir {self.dir} is in use by another process (its {LOCK_NAME} "
+                                        f"is locked); one run per resume folder") from None
         return fh
 
     def close(self) -> None:

@@ -122,3 +122,44 @@ def test_report_has_seconds_per_stage():
     assert sum(stages.values()) <= report.seconds
     assert report.to_dict()["stage_seconds"] == stages
     assert "seconds per stage" in report.summary() or max(stages.values()) < 0.05
+
+
+def file_ranges(path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in mapped_files().splitlines():
+        if line.endswith(str(path)):
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path, monkeypatch):
+    """from_pretrained memory-maps a float32 safetensors file; the pipeline must not copy the
+    weights of blocks it has not reached (only the current block is written and packed)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from fade_kernels.api import _StackQuantizer
+
+    short_whisper().save_pretrained(tmp_path)
+    model = WhisperForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    weights_file = (tmp_path / "model.safetensors").resolve()
+
+    def mapped(tensor) -> bool:
+        return any(a <= tensor.data_ptr() < b for a, b in file_ranges(weights_file))
+
+    later = [model.model.encoder.layers[1].fc1.weight, model.model.decoder.layers[0].fc1.weight,
+             model.model.decoder.layers[1].encoder_attn.k_proj.weight]
+    assert all(mapped(w) for w in later), "transformers no longer memory-maps float32 safetensors"
+    seen = []
+    original = _StackQuantizer._pack_block
+
+    def checking(self, block, block_name):
+        names = original(self, block, block_name)
+        seen.append([mapped(w) for w in later])
+        return names
+
+    monkeypatch.setattr(_StackQuantizer, "_pack_block", checking)
+    quantize_model(model, short_samples(n=2), QuantConfig(method="qep", bits=4, group_size=32), batch_size=2,
+                   progress=False)
+    # After encoder block 0 all three are untouched; each turns into a QuantLinear once its block is done.
+    assert seen[0] == [True, True, True] and seen[1][1:] == [True, True] and seen[2][2] is True

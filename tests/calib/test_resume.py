@@ -217,7 +217,8 @@ def test_sigkill_and_restart_gives_the_uninterrupted_checkpoint(tmp_path):
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed").exists()
 
-    restarted = subprocess.run(command(tmp_path / "resumed", "never"), env=env, capture_output=True, text=True, timeout=300)
+    restarted = subprocess.run(command(tmp_path / "resumed", "never"), env=env, capture_output=True, text=True,
+                               timeout=300)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
 
     # The uninterrupted run, here, with the child's thread count (the fixture's one thread).

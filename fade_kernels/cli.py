@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn per seed")
     w.add_argument("--max-eval", type=int, help="evaluate only the first N utterances")
     w.add_argument("--batch-size", type=int, default=8, help="calibration batch")
-    w.add_argument("--eval-batch-size", type=int, default=8, help="decoding batch")
+    w.add_argument("--eval-batch-size", type=int, default=16,
+                   help="decoding batch (16 decoded tiny.en 1.5-1.9x faster than 8 here, same hypotheses)")
     w.add_argument("--max-new-tokens", type=int, default=128, help="bound so a looping hypothesis cannot hang")
     w.add_argument("--eval-kernels", action="store_true",
                    help="decode through the packed QuantLinear backends (default: dense linears on the "

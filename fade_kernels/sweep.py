@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -318,14 +318,16 @@ def write_markdown(results: dict, path: Path, plots: Sequence[Path] = ()) -> str
         "|---|---|---|---|" + "---|" * len(subset_names) + "---|---|---|---|---|---|",
     ]
     if fp:
-        per_subset = " | ".join(_pct(fp["subsets"][n]["wer"], None) if n in fp["subsets"] else "-" for n in subset_names)
+        per_subset = " | ".join(_pct(fp["subsets"][n]["wer"], None) if n in fp["subsets"] else "-"
+                                for n in subset_names)
+        memory = fp["weight_memory"]
         lines.append(f"| fp32 | 32 | 1 | {_pct(fp['wer'], None)} | {per_subset} | - | - | - | "
-                     f"{fp['weight_memory']['linears_bytes'] / MB:.1f} | {fp['weight_memory']['model_bytes'] / MB:.1f} | "
+                     f"{memory['linears_bytes'] / MB:.1f} | {memory['model_bytes'] / MB:.1f} | "
                      f"{fp['bytes_per_token']['total'] / MB:.2f} |")
     gptq_seconds = {row["bits"]: row["quant_seconds_mean"] for row in rows if row["method"] == "gptq"}
     for row in rows:
-        per_subset = " | ".join(_pct(row["subsets"][n]["mean"], row["subsets"][n]["std"]) if n in row["subsets"] else "-"
-                                for n in subset_names)
+        per_subset = " | ".join(_pct(row["subsets"][n]["mean"], row["subsets"][n]["std"])
+                                if n in row["subsets"] else "-" for n in subset_names)
         rss = f"{row['rss_increase_mb_mean']:.0f}" if row["rss_increase_mb_mean"] is not None else "-"
         ratio = (f"{row['quant_seconds_mean'] / gptq_seconds[row['bits']]:.2f}"
                  if gptq_seconds.get(row["bits"]) else "-")
@@ -387,7 +389,8 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
     data.select_subset). calib_manifest may be None only when every method is data-free.
     eval_manifest: scored utterances (the first max_eval of them if given); it must share no
     transcript with the calibration manifest. batch_size: calibration batch; eval_batch_size:
-    decoding batch (16 decoded tiny.en 1.5-1.9x faster than 8 on the 2-core VM, same hypotheses). dequantize_eval: decode with the quantized layers as dense linears on their
+    decoding batch (16 decoded tiny.en 1.5-1.9x faster than 8 on the 2-core VM, same hypotheses).
+    dequantize_eval: decode with the quantized layers as dense linears on their
     dequantized weights (eval.decode.dequantized_linears; same WER up to float rounding, much
     faster on CPU); False runs the packed QuantLinear backends. config_kwargs: extra QuantConfig
     fields (alpha, qep_damp, qep_exclude, fade_rule, awq_grid, sym, act_order, damp, ...).
@@ -569,5 +572,6 @@ def write_plots(results: dict, plot_dir: Path) -> list[Path]:
         for field, fn in (("alpha", plots.plot_alpha_per_layer), ("rho", plots.plot_rho_per_layer)):
             having = {m: reps for m, reps in by_method.items() if plots.has_field(reps, field)}
             if having:
-                paths.append(fn(having, plot_dir / f"{field}_per_layer_w{bits}.png", title=f"{field} per layer, {bits}-bit"))
+                paths.append(fn(having, plot_dir / f"{field}_per_layer_w{bits}.png",
+                                title=f"{field} per layer, {bits}-bit"))
     return paths

@@ -72,16 +72,17 @@ def test_sweep_missing_manifests(capsys, tmp_path, manifests, recorded_sweep):
         capsys, ["sweep"] + sweep_args(manifests, tmp_path, **{"--eval": missing}))
     assert f"--calib manifest not found: {missing}" in one_line_error(
         capsys, ["sweep"] + sweep_args(manifests, tmp_path, **{"--calib": missing}))
-    err = one_line_error(capsys, ["sweep"] + sweep_args(manifests, tmp_path, **{"--calib": None, "--methods": "rtn,qep,fade"}))
+    argv = ["sweep"] + sweep_args(manifests, tmp_path, **{"--calib": None, "--methods": "rtn,qep,fade"})
+    err = one_line_error(capsys, argv)
     assert "--calib is required for --methods qep,fade" in err
     assert recorded_sweep == []
 
 
 def test_sweep_passes_parsed_values(capsys, tmp_path, manifests, recorded_sweep):
-    argv = ["sweep"] + sweep_args(manifests, tmp_path, **{"--methods": "rtn, gptq,qep,fade,awq", "--bits": "4,3",
-                                                          "--seeds": "0,1,2,3,4", "--group-size": "64",
-                                                          "--n-calib": "16", "--max-eval": "10", "--alpha": "0.25",
-                                                          "--qep-exclude": "mlp_out,cross_kv", "--fade-rule": "reliability"})
+    options = {"--methods": "rtn, gptq,qep,fade,awq", "--bits": "4,3", "--seeds": "0,1,2,3,4", "--group-size": "64",
+               "--n-calib": "16", "--max-eval": "10", "--alpha": "0.25", "--qep-exclude": "mlp_out,cross_kv",
+               "--fade-rule": "reliability"}
+    argv = ["sweep"] + sweep_args(manifests, tmp_path, **options)
     assert main(argv + ["--quiet"]) == 0
     (call,) = recorded_sweep
     assert call["methods"] == ["rtn", "gptq", "qep", "fade", "awq"] and call["bits"] == [4, 3]
@@ -126,7 +127,8 @@ def test_quantize_options_reach_the_config_and_report_dir(tmp_path, monkeypatch)
     def fake_quantize(model, samples, config, batch_size=8, progress=True, **kwargs):
         seen["config"] = config
         layers = [LayerReport(f"model.{stack}.layers.{b}.fc1", (8, 8), 0.1 + 0.01 * b, 1.0, stack, b,
-                              rel_error_fp=0.2, alpha=0.3, rho=0.5) for stack in ("encoder", "decoder") for b in range(2)]
+                              rel_error_fp=0.2, alpha=0.3, rho=0.5)
+                  for stack in ("encoder", "decoder") for b in range(2)]
         return QuantizationReport(config=config.to_dict(), layers=layers, seconds=1.0, n_calib=1)
 
     monkeypatch.setattr(cli, "_load_model", lambda spec: (torch.nn.Linear(2, 2), None))

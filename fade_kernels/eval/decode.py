@@ -16,7 +16,6 @@ vocabulary at every decoding step (13-67 ms per step -> 0.5 ms).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from typing import Any, Iterator, Sequence

@@ -54,7 +54,8 @@ def _series(reports: Any) -> dict[str, list[list[dict]]]:
         return out
     if isinstance(reports, Sequence):
         return {"": [_layers(r) for r in reports]}
-    raise TypeError(f"expected a report, a list of reports or a mapping label -> report(s), got {type(reports).__name__}")
+    raise TypeError("expected a report, a list of reports or a mapping label -> report(s), "
+                    f"got {type(reports).__name__}")
 
 
 def has_field(reports: Any, field: str) -> bool:
@@ -112,7 +113,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def _per_layer_plot(reports: Any, path, field: str | Sequence[str], ylabel: str, title: str | None,
-                    ylim: tuple[float, float] | None = None, log: bool = False, labels: Mapping[str, str] | None = None) -> Path:
+                    ylim: tuple[float, float] | None = None, log: bool = False,
+                    labels: Mapping[str, str] | None = None) -> Path:
     series = _series(reports)
     reference = next(layers for runs in series.values() for layers in runs if layers)
     names = [layer["name"] for layer in reference]
@@ -235,7 +237,8 @@ def plot_wer_per_method_seed(results: Any, path: str | os.PathLike, title: str |
         ax.set_title(f"{bits}-bit")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("WER %")
-    handles = [axes[0].scatter([], [], s=22, color=colour, label=f"seed {seed}") for seed, colour in seed_colour.items()]
+    handles = [axes[0].scatter([], [], s=22, color=colour, label=f"seed {seed}")
+               for seed, colour in seed_colour.items()]
     if any(run.get("seed") is None for run in runs):
         handles.append(axes[0].scatter([], [], s=22, color="0.5", label="data-free (any seed)"))
     if fp_line is not None:

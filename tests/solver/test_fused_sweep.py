@@ -149,7 +149,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="factor must be one of"):
         gptq_quantize(torch.randn(4, 64), torch.eye(64), factor="lu")
     with pytest.raises(ValueError, match="impl must be 'torch', 'cpp' or 'triton'"):
-        gptq_sweep(torch.randn(4, 64), torch.eye(64), 4, 32, impl="triton")
+        gptq_sweep(torch.randn(4, 64), torch.eye(64), 4, 32, impl="cuda")
     with pytest.raises(ValueError, match=r"U must be float32 \(64, 64\)"):
         gptq_sweep(torch.randn(4, 64), torch.eye(32), 4, 32, impl="cpp")
     with pytest.raises(ValueError, match="static_grids scales/zeros must have shape"):

@@ -26,6 +26,18 @@ def moonshine_samples(n=6):
             for i in range(n)]
 
 
+def relative_logits_error(model, reference, adapter, samples) -> float:
+    """||logits - reference logits|| / ||reference logits|| on the first two samples, teacher-forced
+    on their first 4 decoder tokens."""
+    batch = samples[:2]
+    inputs = adapter.collate_encoder_inputs(batch)
+    ids = torch.stack([s.decoder_ids[:4] for s in batch])
+    with torch.no_grad():
+        expected = reference(**inputs, decoder_input_ids=ids).logits
+        got = model(**inputs, decoder_input_ids=ids).logits
+    return float((got - expected).norm() / expected.norm())
+
+
 def test_hessian_accumulator_drops_masked_rows():
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
@@ -53,17 +65,12 @@ def test_every_target_is_quantized_and_logits_stay_close(family, bits, threshold
     assert not isinstance(model.proj_out, QuantLinear)
     assert model.config.quantization_config["bits"] == bits
 
-    batch = samples[:2]
-    inputs = adapter.collate_encoder_inputs(batch)
-    ids = torch.stack([s.decoder_ids[:4] for s in batch])
-    with torch.no_grad():
-        expected = reference(**inputs, decoder_input_ids=ids).logits
-        got = model(**inputs, decoder_input_ids=ids).logits
     # Tiny random models are harsh (Gaussian weights, no outliers to exploit): ~10% weight
     # noise per layer at 4 bits. The bound catches a broken pipeline (errors of order 1).
-    error = float((got - expected).norm() / expected.norm())
+    error = relative_logits_error(model, reference, adapter, samples)
     print(f"{family} {bits}-bit relative logits error {error:.3f}")
     assert error < threshold
+    inputs = adapter.collate_encoder_inputs(samples[:2])
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[0] == 2
 

@@ -8,7 +8,7 @@ from fade_kernels import QuantConfig, quantize_model
 from fade_kernels.api import _StackQuantizer
 from fade_kernels.models.adapters import get_adapter
 
-from test_pipeline import moonshine_samples, whisper_samples
+from test_pipeline import moonshine_samples, relative_logits_error, whisper_samples
 
 
 def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper, monkeypatch):
@@ -45,8 +45,7 @@ def test_methods_run_end_to_end_and_report_diagnostics(family, method, tiny_whis
     model = tiny_whisper if family == "whisper" else tiny_moonshine
     samples = whisper_samples() if family == "whisper" else moonshine_samples()
     reference = copy.deepcopy(model)
-    norm = model.model.encoder.layers[0].self_attn_layer_norm if family == "whisper" else model.model.encoder.layers[0].input_layernorm
-    norm_before = norm.weight.detach().clone()
+    norms_before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     report = quantize_model(model, samples, QuantConfig(method=method, bits=4, group_size=32), batch_size=4,
                             progress=False, track_fp_error=True)
     adapter = get_adapter(model)
@@ -58,18 +57,16 @@ def test_methods_run_end_to_end_and_report_diagnostics(family, method, tiny_whis
             assert 0.0 <= layer.alpha <= 1.0
         if method == "fade":
             assert 0.0 <= layer.rho <= 1.0 and layer.vulnerability > 0 and layer.rel_error_fp_uncorrected is not None
-    # AWQ folds its input scales into the LayerNorm in front of q/k/v; the others leave it alone.
-    assert torch.equal(norm.weight.detach(), norm_before) != ("awq" in method)
+    # AWQ folds its input scales into the LayerNorms in front of q/k/v, cross q and fc1 (a group
+    # whose search keeps beta = 0 leaves its norm alone, so only "some norm changed" is certain
+    # enough to assert); the other methods never touch a LayerNorm.
+    modules = dict(model.named_modules())
+    changed = [name for name, before in norms_before.items() if not torch.equal(modules[name].weight.detach(), before)]
+    assert bool(changed) == ("awq" in method), changed
     if method.startswith("qep"):
         mlp_out = [layer.alpha for layer in report.layers if layer.name.endswith("fc2")]
         assert mlp_out and all(alpha == 0.0 for alpha in mlp_out)
-    batch = samples[:2]
-    inputs = adapter.collate_encoder_inputs(batch)
-    ids = torch.stack([s.decoder_ids[:4] for s in batch])
-    with torch.no_grad():
-        expected = reference(**inputs, decoder_input_ids=ids).logits
-        got = model(**inputs, decoder_input_ids=ids).logits
-    assert float((got - expected).norm() / expected.norm()) < 0.2
+    assert relative_logits_error(model, reference, adapter, samples) < 0.2
 
 
 def test_fade_needs_two_utterances(tiny_whisper):

@@ -64,28 +64,6 @@ SENTENCES = (
 )
 
 
-# ------------------------------------------------------------------------------------------ memory
-def status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------ inputs
 def random_model_dir(name: str, cache: Path) -> Path:
     """Build (once) and save a random-weight Whisper with RANDOM_MODELS[name]'s shapes; returns its dir."""
@@ -156,6 +134,7 @@ def run_job(args) -> dict:
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
     from fade_kernels.models.bundled import load_model_and_processor
+    from fade_kernels.sweep import PeakMemory
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,17 +147,17 @@ def run_job(args) -> dict:
     samples = prepare_samples(model, processor, utterances, progress=False)
     prep_seconds = time.perf_counter() - start
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size)
-    rss_before_kb = status_kb("VmRSS")
-    hwm_reset = reset_peak_rss()
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    load0 = os.getloadavg()[0]
     checkpoint_dir = Path(args.out) / f"resume-{args.job}" if args.with_resume else None
-    report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=False,
-                            max_memory=args.max_memory, checkpoint_dir=checkpoint_dir)
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak_kb = status_kb("VmHWM") if hwm_reset else None
+    # The sweep's peak meter: VmHWM reset through /proc/self/clear_refs at entry, read at exit.
+    with PeakMemory() as peak:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        load0 = os.getloadavg()[0]
+        report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=False,
+                                max_memory=args.max_memory, checkpoint_dir=checkpoint_dir)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     fp32_bytes = n_params * 4
-    peak_bytes = peak_kb * 1024 if peak_kb is not None else None
+    per_call = peak.increase_mb is not None
+    peak_bytes = int(peak.peak_mb * 2 ** 20) if per_call else None
     return {
         "job": args.job, "model": args.job_model, "model_dir": str(args.job_model_dir), "parameters": n_params,
         "fp32_bytes": fp32_bytes, "n_calib": len(samples), "batch_size": args.batch_size,
@@ -188,8 +167,8 @@ def run_job(args) -> dict:
         "quantize_seconds": round(report.seconds, 3),
         "quantize_cpu_seconds": round(cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime, 2),
         "stage_seconds": report.stage_seconds,
-        "rss_before_bytes": rss_before_kb * 1024 if rss_before_kb else None,
-        "peak_rss_bytes": peak_bytes, "peak_rss_method": "VmHWM after clear_refs 5" if hwm_reset else "unavailable",
+        "rss_before_bytes": int(peak.start_mb * 2 ** 20) if peak.start_mb else None,
+        "peak_rss_bytes": peak_bytes, "peak_rss_method": peak.method if per_call else "unavailable",
         "peak_rss_process_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "target_bytes": fp32_bytes + TARGET_EXTRA_BYTES,
         "within_target": None if peak_bytes is None else peak_bytes <= fp32_bytes + TARGET_EXTRA_BYTES,

@@ -95,26 +95,37 @@ def compile_all(arch: int = 90, bits_list=(3, 4), dtypes=("float16", "bfloat16")
     return results
 
 
-def check_case(case: dict, ptx: str, cubin: bytes) -> dict:
-    """Fill case with the PTX target, matrix-instruction counts and ok/error."""
+def check_compiled(case: dict, ptx: str, cubin: bytes, kernel_errors) -> dict:
+    """Fill case with the PTX target and cubin size, run kernel_errors(case, ptx) -> list of
+    messages for the kernel's own checks, and set ok/error. Shared by every compile check."""
     arch = case["arch"]
     m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
     case["target"] = m.group(1) if m else None
-    case["wgmma"] = len(re.findall(r"\bwgmma\.mma_async", ptx))
-    case["mma"] = len(re.findall(r"\bmma\.sync", ptx))
     case["cubin_bytes"] = len(cubin or b"")
     errors = []
     if case["target"] not in (f"sm_{arch}", f"sm_{arch}a"):
         errors.append(f"PTX targets {case['target']}, expected sm_{arch} or sm_{arch}a")
-    # fp32 activations compile with IEEE dot products (torch's default), which are FMA loops by design.
-    if case["kernel"] == "gemm" and case["dtype"] != "float32" and case["wgmma"] + case["mma"] == 0:
-        errors.append("GEMM PTX has no mma.sync / wgmma instruction: tl.dot did not reach the tensor cores")
+    errors += kernel_errors(case, ptx)
     if not case["cubin_bytes"]:
         errors.append("ptxas produced no cubin")
     case["ok"] = not errors
     if errors:
         case["error"] = "; ".join(errors)
     return case
+
+
+def _matmul_errors(case: dict, ptx: str) -> list[str]:
+    case["wgmma"] = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    case["mma"] = len(re.findall(r"\bmma\.sync", ptx))
+    # fp32 activations compile with IEEE dot products (torch's default), which are FMA loops by design.
+    if case["kernel"] == "gemm" and case["dtype"] != "float32" and case["wgmma"] + case["mma"] == 0:
+        return ["GEMM PTX has no mma.sync / wgmma instruction: tl.dot did not reach the tensor cores"]
+    return []
+
+
+def check_case(case: dict, ptx: str, cubin: bytes) -> dict:
+    """Fill case with the PTX target, matrix-instruction counts and ok/error."""
+    return check_compiled(case, ptx, cubin, _matmul_errors)
 
 
 def unusable_reason() -> str:

@@ -44,7 +44,7 @@ from fade_kernels.models.adapters import ENCODER_FRAMES, OWN_TOKENS, ModelAdapte
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
 from fade_kernels.solver.fade import (GramStats, choose_alpha, cross_fitted_coefficients, grid_noise_curve,
                                      output_error_vs_full_precision, residual_coefficients)
-from fade_kernels.solver.gptq import gptq_quantize
+from fade_kernels.solver.gptq import GPTQFactor, gptq_quantize, prepare_gptq_factor
 from fade_kernels.solver.qep import corrected_weight, qep_correction
 from fade_kernels.solver.grid import expand_groups
 from fade_kernels.solver.rtn import rtn_quantize
@@ -155,12 +155,21 @@ class LayerSolution:
     uncorrected: torch.Tensor | None = None  # FADE: the dequantized alpha = 0 solution (N, K), for "before"
 
 
+def _gptq_factor(stats: GramStats, config: QuantConfig, factor_cache: dict) -> GPTQFactor:
+    """GPTQ's factor of the group's Hessian, built once per (damp, act_order) and kept in factor_cache."""
+    key = (config.damp, config.act_order)
+    if key not in factor_cache:
+        factor_cache[key] = prepare_gptq_factor(stats.hessian, config.damp, config.act_order)
+    return factor_cache[key]
+
+
 def _base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Tensor | None, config: QuantConfig,
-                allow_input_scale: bool = True):
+                allow_input_scale: bool = True, factor_cache: dict | None = None):
     """Quantize the stacked weight float32 (N, K) with the config's base solver.
 
     allow_input_scale: False where the group's input cannot be rescaled (AWQ then falls back to
-    its plain solver). Returns (codes, scales, zeros, input_scale or None)."""
+    its plain solver). factor_cache: GPTQ factors of stats.hessian already built (filled here).
+    Returns (codes, scales, zeros, input_scale or None)."""
     solver = config.base_solver
     if solver.startswith("awq") and (not allow_input_scale or act_mean_abs is None):
         solver = "gptq" if config.method == "awq-gptq" else "rtn"
@@ -169,7 +178,8 @@ def _base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Ten
         return codes, scales, zeros, None
     if solver == "gptq":
         result = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                               act_order=config.act_order, block_size=config.block_size, damp=config.damp)
+                               act_order=config.act_order, block_size=config.block_size, damp=config.damp,
+                               prepared=_gptq_factor(stats, config, {} if factor_cache is None else factor_cache))
         return result.codes, result.scales, result.zeros, None
     from fade_kernels.solver.awq import awq_quantize
 
@@ -189,15 +199,19 @@ def _local_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.
 
 def solve_linear_group(weights: list[torch.Tensor], stats: GramStats | torch.Tensor, config: QuantConfig,
                        half_stats: tuple[GramStats, GramStats] | None = None, act_mean_abs: torch.Tensor | None = None,
-                       excluded: list[bool] | None = None, allow_input_scale: bool = True) -> list[LayerSolution]:
+                       excluded: list[bool] | None = None, allow_input_scale: bool = True,
+                       factor_cache: dict | None = None) -> list[LayerSolution]:
     """Quantize linears sharing one input.
 
     weights: float (N_i, K) each, the full-precision weights. stats: the group's GramStats (or a
     float32 (K, K) Hessian for the plain methods). half_stats: FADE's cross-fitting halves.
     act_mean_abs: float32 (K,) mean |x| per input channel (AWQ). excluded: per layer, True when
     QEP must leave it uncorrected (alpha = 0). allow_input_scale: whether AWQ may rescale the
-    group's input. Returns one LayerSolution per layer.
+    group's input. factor_cache: a dict kept by the caller for every group with this very Hessian
+    (decoder cross-attention k/v all read the encoder output): GPTQ's factor is built once and reused.
+    Returns one LayerSolution per layer.
     """
+    factor_cache = {} if factor_cache is None else factor_cache
     if isinstance(stats, torch.Tensor):
         stats = GramStats(stats, None, None, 0)
     sizes = [w.shape[0] for w in weights]
@@ -212,12 +226,13 @@ def solve_linear_group(weights: list[torch.Tensor], stats: GramStats | torch.Ten
         if config.method.startswith("qep"):
             layer_alphas = [0.0 if skip else config.alpha for skip in excluded]
         else:
-            layer_alphas, rhos, vulns, uncorrected = _fade_alphas(stacked, sizes, correction, stats, half_stats, config)
+            layer_alphas, rhos, vulns, uncorrected = _fade_alphas(stacked, sizes, correction, stats, half_stats, config,
+                                                                  factor_cache)
         row_alpha = torch.cat([torch.full((n,), a) for n, a in zip(sizes, layer_alphas)])
         target = corrected_weight(stacked, correction, row_alpha)
     else:
         target = stacked
-    codes, scales, zeros, input_scale = _base_solve(target, stats, act_mean_abs, config, allow_input_scale)
+    codes, scales, zeros, input_scale = _base_solve(target, stats, act_mean_abs, config, allow_input_scale, factor_cache)
     uncorrected = uncorrected.split(sizes) if uncorrected is not None else [None] * len(sizes)
     out = []
     for index, (c, sc, z, t) in enumerate(zip(codes.split(sizes), scales.split(sizes), zeros.split(sizes),
@@ -227,7 +242,7 @@ def solve_linear_group(weights: list[torch.Tensor], stats: GramStats | torch.Ten
     return out
 
 
-def _fade_alphas(stacked, sizes, correction, stats: GramStats, half_stats, config: QuantConfig):
+def _fade_alphas(stacked, sizes, correction, stats: GramStats, half_stats, config: QuantConfig, factor_cache: dict):
     """FADE's per-layer alpha (background §6) for the layers stacked in `stacked` (N, K).
 
     Returns (alphas, rhos, vulnerabilities) per layer and the dequantized alpha = 0 solution (N, K)."""
@@ -243,7 +258,8 @@ def _fade_alphas(stacked, sizes, correction, stats: GramStats, half_stats, confi
     if config.base_solver == "gptq":
         # GPTQ removes part of the grid noise; measure how much once, at alpha = 0, per layer.
         gptq0 = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                              act_order=config.act_order, block_size=config.block_size, damp=config.damp)
+                              act_order=config.act_order, block_size=config.block_size, damp=config.damp,
+                              prepared=_gptq_factor(stats, config, factor_cache))
         uncorrected = _dequantized(gptq0.codes, gptq0.scales, gptq0.zeros, width)
         err_gptq = _local_error(stacked, uncorrected, stats.hessian)
         err_rtn = _local_error(stacked, rtn0, stats.hessian)
@@ -331,6 +347,20 @@ class StageTimer:
                 setattr(gptq_module, name, fn)
 
 
+@dataclass
+class _GroupStatistics:
+    """One input group's statistics as the solvers read them (see GramAccumulator).
+
+    stats: all calibration rows; half_stats: FADE's cross-fitting halves (or None); act_mean_abs
+    float32 (K,); valid_fraction: kept rows / all rows; factor_cache: GPTQ factors of stats.hessian."""
+
+    stats: GramStats
+    half_stats: tuple[GramStats, GramStats] | None
+    act_mean_abs: torch.Tensor
+    valid_fraction: float
+    factor_cache: dict = field(default_factory=dict)
+
+
 class _StackQuantizer:
     """Runs steps 2-4 of the lifecycle over one stack's blocks, on one or two chains.
 
@@ -338,7 +368,12 @@ class _StackQuantizer:
     "encoder_hidden_states") as CachedTensor entries of `cache`, which keeps them in RAM or on
     disk; the full-precision twin's group inputs go through the same cache.
     on_block_done(stack_name, index, block, layer_names, calls, fp_calls) runs after each block
-    is packed (the resume checkpoint)."""
+    is packed (the resume checkpoint).
+
+    Decoder cross-attention k/v read the encoder output, the same tensor in every decoder block:
+    their statistics and GPTQ factor are computed in the first decoder block and reused by the
+    others (exactly what each block would recompute), once the first block has checked that the
+    group's input really is the encoder output."""
 
     def __init__(self, config: QuantConfig, report: QuantizationReport, progress: bool, track_fp: bool,
                  cache: ActivationCache | None = None, timer: StageTimer | None = None, on_block_done=None):
@@ -350,6 +385,8 @@ class _StackQuantizer:
         self.on_block_done = on_block_done
         self.solved: dict[str, list] = {}   # the current block's solutions: full name -> [codes, scales, zeros]
         self.quantized: list[str] = []      # every packed layer, in solve order
+        # (stack, group names) -> _GroupStatistics of a group whose input is the encoder output.
+        self.shared_inputs: dict[tuple, _GroupStatistics] = {}
 
     def put(self, tensor: torch.Tensor, replaces: CachedTensor | None = None) -> CachedTensor:
         with self.timer("offload"):
@@ -373,7 +410,7 @@ class _StackQuantizer:
                 # The full-precision twin of this block, run once: its groups' inputs (valid rows
                 # only) for G and D, and its output as the next block's full-precision input.
                 with self.timer("forward"):
-                    fp_rows = self._run_fp_twin(copy.deepcopy(block), groups, fp_calls, masks)
+                    fp_rows = self._run_fp_twin(copy.deepcopy(block), groups, fp_calls, masks, stack_name)
             for group_index, group in enumerate(groups):
                 self._solve_group(block, block_name, group, calls, masks, halves,
                                   None if fp_rows is None else fp_rows[group_index], stack_name, index)
@@ -406,7 +443,8 @@ class _StackQuantizer:
         self.solved.clear()
         return names
 
-    def _run_fp_twin(self, fp_block: nn.Module, groups, fp_calls: list[dict], masks: list[dict]) -> list[list]:
+    def _run_fp_twin(self, fp_block: nn.Module, groups, fp_calls: list[dict], masks: list[dict],
+                     stack_name: str) -> list[list]:
         rows = [[] for _ in groups]
         current = {}
 
@@ -417,8 +455,9 @@ class _StackQuantizer:
                 rows[group_index].append(self.put(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float()))
             return hook
 
+        # Groups with shared statistics need no rows from this block.
         handles = [fp_block.get_submodule(group.names[0]).register_forward_pre_hook(make_hook(i, group.mask))
-                   for i, group in enumerate(groups)]
+                   for i, group in enumerate(groups) if (stack_name, group.names) not in self.shared_inputs]
         try:
             for call, mask in zip(fp_calls, masks):
                 current.update(mask)
@@ -428,13 +467,20 @@ class _StackQuantizer:
                 handle.remove()
         return rows
 
-    def _collect_stats(self, block, group, calls, masks, halves, fp_rows) -> GramAccumulator:
+    def _collect_stats(self, block, group, calls, masks, halves, fp_rows) -> tuple[GramAccumulator, bool]:
+        """The group's Gram statistics over every batch, and whether its input was the encoder
+        output itself in every batch (then any decoder block would give the same statistics)."""
         module = block.get_submodule(group.names[0])
         accumulator = GramAccumulator(module.in_features, with_error=fp_rows is not None, n_halves=self.n_halves)
         current = {}
+        reads_encoder_output = [group.mask == ENCODER_FRAMES]
 
         def hook(module, args):
             x = args[0].detach()
+            if reads_encoder_output[0]:
+                encoder_output = current["encoder_output"]
+                reads_encoder_output[0] = x is encoder_output or (
+                    encoder_output is not None and x.shape == encoder_output.shape and torch.equal(x, encoder_output))
             mask = current["mask"]
             x_hat = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float()
             delta = None if fp_rows is None else load(fp_rows[current["batch"]]) - x_hat
@@ -448,27 +494,38 @@ class _StackQuantizer:
         handle = module.register_forward_pre_hook(hook)
         try:
             for batch, (call, mask) in enumerate(zip(calls, masks)):
-                current.update(mask=mask[group.mask], batch=batch, halves=halves[batch])
+                kwargs = materialize(call)
+                current.update(mask=mask[group.mask], batch=batch, halves=halves[batch],
+                               encoder_output=kwargs.get("encoder_hidden_states"))
                 try:
-                    run_block(block, materialize(call))
+                    run_block(block, kwargs)
                 except StopForward:
                     pass
         finally:
             handle.remove()
-        return accumulator
+        return accumulator, reads_encoder_output[0]
 
     def _solve_group(self, block, block_name, group, calls, masks, halves, fp_rows, stack_name, block_index):
         modules = [block.get_submodule(name) for name in group.names]
         width = modules[0].in_features
-        with self.timer("statistics"):
-            accumulator = self._collect_stats(block, group, calls, masks, halves, fp_rows)
-            stats = accumulator.stats()
-            half_stats = (accumulator.half_stats(0), accumulator.half_stats(1)) if self.n_halves == 2 else None
+        shared_key = (stack_name, group.names)
+        gathered = self.shared_inputs.get(shared_key)
+        if gathered is None:
+            with self.timer("statistics"):
+                accumulator, reads_encoder_output = self._collect_stats(block, group, calls, masks, halves, fp_rows)
+                gathered = _GroupStatistics(
+                    accumulator.stats(),
+                    (accumulator.half_stats(0), accumulator.half_stats(1)) if self.n_halves == 2 else None,
+                    accumulator.act_mean_abs, accumulator.valid_fraction)
+            if reads_encoder_output:
+                self.shared_inputs[shared_key] = gathered
+        stats = gathered.stats
         excluded = [group.role in self.config.qep_exclude or name in self.config.qep_exclude
                     or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in group.names]
         with self.timer("solve"):
-            solutions = solve_linear_group([m.weight for m in modules], stats, self.config, half_stats,
-                                           accumulator.act_mean_abs, excluded, self._can_rescale(block, group, width))
+            solutions = solve_linear_group([m.weight for m in modules], stats, self.config, gathered.half_stats,
+                                           gathered.act_mean_abs, excluded, self._can_rescale(block, group, width),
+                                           gathered.factor_cache)
         input_scale = solutions[0].input_scale
         for name, module, solution in zip(group.names, modules, solutions):
             weight_hat = _dequantized(solution.codes, solution.scales, solution.zeros, width)
@@ -482,7 +539,7 @@ class _StackQuantizer:
                 layer_report = LayerReport(
                     full_name, tuple(module.weight.shape),
                     _relative_output_error(solution.target, effective, stats.hessian),
-                    accumulator.valid_fraction, stack=stack_name, block=block_index, alpha=solution.alpha,
+                    gathered.valid_fraction, stack=stack_name, block=block_index, alpha=solution.alpha,
                     rho=solution.rho, vulnerability=solution.vulnerability)
                 if stats.cross is not None:
                     fp_error, propagated = output_error_vs_full_precision(module.weight.detach(), effective, stats)

@@ -35,8 +35,9 @@ from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
 
-__all__ = ["GPTQResult", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared", "gptq_sweep",
-           "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper", "SWEEP_IMPLS"]
+__all__ = ["GPTQResult", "GPTQFactor", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared",
+           "gptq_sweep", "prepare_gptq_factor", "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper",
+           "SWEEP_IMPLS"]
 
 SWEEP_IMPLS = ("auto", "torch", "cpp", "triton")
 
@@ -195,33 +196,84 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
     return out
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+class GPTQFactor(NamedTuple):
+    """What GPTQ derives from a Hessian alone (steps 1-3), reusable by every weight that reads the
+    same input: FADE's two solves of one group, and the cross-attention k/v of every decoder block
+    (they all read the encoder output).
+
+    dead bool (K,): inputs with diag H == 0 (their weight columns are zeroed). perm int64 (K,):
+    the act-order visiting order, or None. upper float32 (K, K): U with U^T U = (H' + lambda I)^-1,
+    H' the dead-fixed H in visiting order. damp, act_order, method: the arguments it was built with."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    upper: torch.Tensor
+    damp: float
+    act_order: bool
+    method: str
+
+
+def prepare_gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False,
+                        factor: str = "reversed") -> GPTQFactor:
+    """Steps 1-3 of GPTQ for a Hessian float (K, K): dead inputs, act-order permutation, and U.
+
+    gptq_quantize(..., prepared=this) then skips them; the codes are the same as without it."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square (K, K), got shape {tuple(hessian.shape)}")
+    if factor not in FACTOR_METHODS:
+        raise ValueError(f"factor must be one of {FACTOR_METHODS}, got {factor!r}")
+    H = hessian.detach().clone().float()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    return GPTQFactor(dead, perm, inverse_cholesky_upper(H, damp, method=factor), damp, act_order, factor)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int = 4, group_size: int = 128,
                   sym: bool = False, act_order: bool = False, block_size: int = 128,
-                  damp: float = 0.01, sweep: str = "auto", factor: str = "reversed") -> GPTQResult:
+                  damp: float = 0.01, sweep: str = "auto", factor: str = "reversed",
+                  prepared: GPTQFactor | None = None) -> GPTQResult:
     """Quantize one weight matrix (or several stacked ones sharing an input) with GPTQ.
 
     weight: float (N, K), the layer's weight (rows of stacked layers concatenated).
-    hessian: float (K, K), X X^T / T over the calibration tokens of the layer input.
+    hessian: float (K, K), X X^T / T over the calibration tokens of the layer input (may be None
+      when `prepared` is given).
     sweep: "auto" (the fused C++ kernel for CPU tensors when it is built, the Triton kernel for
       CUDA tensors, else the torch loop), "torch" (the reference loop), "cpp" or "triton"; all
       give identical codes.
     factor: how U is computed, "reversed" (default, ~2n^3/3 flops) or "three_step" (the usual
       Cholesky / cholesky_inverse / Cholesky, ~5n^3/3); equal up to float rounding.
+    prepared: prepare_gptq_factor(hessian, damp, act_order, factor) computed once for several
+      weights; it must have been built with this call's damp, act_order and factor.
     Returns a GPTQResult; see its docstring for shapes.
     """
     validate_grid_args(bits, group_size)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     n_rows, n_cols = weight.shape
-    if hessian.shape != (n_cols, n_cols):
-        raise ValueError(f"hessian must have shape ({n_cols}, {n_cols}) to match weight's K, "
-                         f"got {tuple(hessian.shape)}")
+    if prepared is None:
+        if hessian is None:
+            raise ValueError("gptq_quantize needs a hessian (K, K) or a prepared factor")
+        if hessian.shape != (n_cols, n_cols):
+            raise ValueError(f"hessian must have shape ({n_cols}, {n_cols}) to match weight's K, "
+                             f"got {tuple(hessian.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if sweep not in SWEEP_IMPLS:
         raise ValueError(f"sweep must be one of {SWEEP_IMPLS}, got {sweep!r}")
     if factor not in FACTOR_METHODS:
         raise ValueError(f"factor must be one of {FACTOR_METHODS}, got {factor!r}")
+    if prepared is None:
+        prepared = prepare_gptq_factor(hessian, damp, act_order, factor)
+    elif prepared.upper.shape != (n_cols, n_cols):
+        raise ValueError(f"prepared factor is for K = {prepared.upper.shape[0]}, but weight has K = {n_cols}")
+    elif (prepared.damp, prepared.act_order, prepared.method) != (damp, act_order, factor):
+        raise ValueError(f"prepared factor was built with damp={prepared.damp}, act_order={prepared.act_order}, "
+                         f"factor={prepared.method!r}; this call asks for damp={damp}, act_order={act_order}, "
+                         f"factor={factor!r}")
     if sweep == "auto":
         if weight.device.type == "cuda":
             sweep = "triton"
@@ -231,25 +283,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     n_groups = n_cols // g
 
     W = weight.detach().clone().float()
-    H = hessian.detach().clone().float()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, prepared.dead] = 0.0
 
-    perm, static_grids = None, None
+    perm, static_grids = prepared.perm, None
     if act_order:
         # Static groups: every grid comes from the original grouping before any update.
         scales = torch.zeros(n_rows, n_groups)
         zeros = torch.zeros(n_rows, n_groups)
         for grp in range(n_groups):
             scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(W[:, grp * g:(grp + 1) * g], bits, sym)
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
         static_grids = StaticGrids(scales, zeros, perm // g)
-    U = inverse_cholesky_upper(H, damp, method=factor)
 
-    swept = gptq_sweep(W, U, bits, group_size, sym, block_size, static_grids, impl=sweep)
+    swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep)
     codes = swept.codes
     if perm is not None:
         codes = torch.empty_like(swept.codes)

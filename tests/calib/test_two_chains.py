@@ -16,8 +16,9 @@ def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper, mon
     original = _StackQuantizer._collect_stats
 
     def recording(self, *args, **kwargs):
-        accumulators.append(original(self, *args, **kwargs))
-        return accumulators[-1]
+        accumulator, reads_encoder_output = original(self, *args, **kwargs)
+        accumulators.append(accumulator)
+        return accumulator, reads_encoder_output
 
     monkeypatch.setattr(_StackQuantizer, "_collect_stats", recording)
     quantize_model(tiny_whisper, whisper_samples(), QuantConfig(method="qep", bits=3, group_size=32),
@@ -72,3 +73,35 @@ def test_methods_run_end_to_end_and_report_diagnostics(family, method, tiny_whis
 def test_fade_needs_two_utterances(tiny_whisper):
     with pytest.raises(ValueError, match="at least 2 calibration utterances"):
         quantize_model(tiny_whisper, whisper_samples(1), QuantConfig(method="fade"), progress=False)
+
+
+@pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "fade"), ("moonshine", "qep")])
+def test_cross_attention_kv_statistics_are_computed_once_and_change_nothing(family, method, tiny_whisper,
+                                                                          tiny_moonshine, monkeypatch):
+    """Every decoder block's cross k/v read the same encoder output: the first decoder block's
+    statistics serve all of them, and the codes equal a run that recomputes them per block."""
+    model = tiny_whisper if family == "whisper" else tiny_moonshine
+    samples = whisper_samples() if family == "whisper" else moonshine_samples()
+    config = QuantConfig(method=method, bits=3, group_size=32)
+    original = _StackQuantizer._collect_stats
+    collected = []
+
+    def recording(share):
+        def collect_stats(self, block, group, *args):
+            collected.append(group.names)
+            accumulator, reads_encoder_output = original(self, block, group, *args)
+            return accumulator, reads_encoder_output and share   # share=False: recompute in every block
+        return collect_stats
+
+    states = []
+    for share in (True, False):
+        monkeypatch.setattr(_StackQuantizer, "_collect_stats", recording(share))
+        collected.clear()
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, samples, config, batch_size=4, progress=False)
+        n_decoder = len(get_adapter(quantized).decoder_layers(quantized))
+        cross_kv = [names for names in collected if names == ("encoder_attn.k_proj", "encoder_attn.v_proj")]
+        assert n_decoder > 1 and len(cross_kv) == (1 if share else n_decoder)
+        states.append({k: v for k, v in quantized.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))})
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fade_kernels.solver.gptq import gptq_quantize, gptq_quantize_shared
+from fade_kernels.solver.gptq import gptq_quantize, gptq_quantize_shared, prepare_gptq_factor
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
 from fade_kernels.solver.rtn import rtn_quantize
 
@@ -119,3 +119,30 @@ def test_rejects_mismatched_hessian():
         gptq_quantize(torch.randn(8, 64), torch.eye(32))
     with pytest.raises(ValueError, match="does not divide"):
         gptq_quantize(torch.randn(8, 288), torch.eye(288), group_size=128)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_prepared_factor_gives_the_same_codes_for_every_weight_of_that_input(act_order):
+    """One factor, several weights (FADE's two solves, cross k/v of every decoder block): the codes
+    equal those of a solve that factors the Hessian itself, bit for bit, dead inputs included."""
+    x = correlated_inputs(96, 400)
+    x[7] = 0.0
+    hessian = x @ x.t() / 400
+    prepared = prepare_gptq_factor(hessian, damp=0.02, act_order=act_order)
+    assert bool(prepared.dead[7]) and int(prepared.dead.sum()) == 1
+    for _ in range(3):
+        weight = torch.randn(24, 96)
+        direct = gptq_quantize(weight, hessian, bits=3, group_size=32, act_order=act_order, damp=0.02)
+        reused = gptq_quantize(weight, None, bits=3, group_size=32, act_order=act_order, damp=0.02, prepared=prepared)
+        assert torch.equal(direct.codes, reused.codes) and torch.equal(direct.zeros, reused.zeros)
+        assert torch.equal(direct.scales, reused.scales)
+
+
+def test_a_prepared_factor_must_match_the_call():
+    prepared = prepare_gptq_factor(torch.eye(64), damp=0.01, act_order=False)
+    with pytest.raises(ValueError, match="act_order=False"):
+        gptq_quantize(torch.randn(8, 64), None, act_order=True, prepared=prepared, group_size=32)
+    with pytest.raises(ValueError, match="K = 64, but weight has K = 32"):
+        gptq_quantize(torch.randn(8, 32), None, prepared=prepared, group_size=32)
+    with pytest.raises(ValueError, match="needs a hessian"):
+        gptq_quantize(torch.randn(8, 64), None, group_size=32)

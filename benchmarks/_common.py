@@ -4,7 +4,8 @@ Not a test helper and not part of the package: the scripts run as `python benchm
 which puts this folder on sys.path, so they import it as `_common`.
 
   machine_info()       the machine's name and what the kernels will use (CPU model, L3, ISA flags)
-  copy_bandwidth(t)    STREAM-style copy GB/s with t threads (the roofline of a memory-bound GEMV)
+  copy_bandwidth(t)    STREAM-style copy GB/s with t threads (the issue's roofline convention)
+  read_bandwidth(t)    read-only GB/s with t threads (what a GEMV streaming its weights can reach)
   bench(fn, rounds)    seconds per call: a per-call statistic over individually timed calls
   copies_for/rotating  "cold" weights: cycle through enough copies to exceed 3x the L3 cache
   make_ours/make_dense/make_int8_dynamic/make_aten_int4
@@ -90,6 +91,20 @@ def copy_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best / 1e9
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """Read-only bandwidth in GB/s: bytes of a large float32 sum / time, best of 10. A decode GEMV
+    only reads its weights, so this, not the copy figure, is the ceiling of its GB/s."""
+    torch.set_num_threads(threads)
+    src = torch.ones(nbytes // 4)
+    src.sum()
+    best = math.inf
+    for _ in range(10):
+        t = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
 
 
 # ---- timing ---------------------------------------------------------------------------------

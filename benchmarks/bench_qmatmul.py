@@ -12,7 +12,10 @@ one run,
                  of fp32 and bf16 activations; weights from _convert_weight_to_int4pack_for_cpu)
 and reports ms, GB/s (bytes of packed weight + metadata our kernel reads / time), that as a % of
 the machine's copy bandwidth measured at the start (STREAM convention: read + write bytes of a
-large copy / time, per thread count), and our speedup over every baseline.
+large copy / time, per thread count), and our speedup over every baseline. The read-only
+bandwidth (a large sum) is measured too: a GEMV only reads, so it can pass 100% of the copy
+figure, and the summary uses it for the ceiling of a speedup over a peer: the peer's measured
+time / (the bytes we read / read bandwidth), the most any kernel reading our bytes could get.
 
 GPU (when torch sees a CUDA device): the "triton" backend (split-K GEMV / tl.dot GEMM) and the
 "cuda" decode GEMV (M <= 8) on the same shapes with fp16 activations, against fp16 F.linear
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, effective_group, machine_info,
+                     read_bandwidth,
                      machine_line, make_aten_int4, make_dense, make_int8_dynamic, make_ours, ours_bytes,
                      random_gptq_tensors, rotating, write_outputs)
 from fade_kernels.ops import cpu
@@ -186,8 +190,9 @@ def _check(name: str, value: float | None, op: str, target: float, detail: str) 
     return {"name": name, "value": value, "op": op, "target": target, "status": status, "detail": detail}
 
 
-def summarize(rows: list[dict], threads_measured: list[int]) -> dict:
-    """The issue's targets on this run's rows; a check is "n/a" when its rows were not measured."""
+def summarize(rows: list[dict], threads_measured: list[int], read_gbps: dict | None = None) -> dict:
+    """The issue's targets on this run's rows; a check is "n/a" when its rows were not measured.
+    read_gbps: {threads: read-only GB/s}; when given, the peer checks state their ceiling."""
     threads = 2 if 2 in threads_measured else max(threads_measured)
     checks = []
 
@@ -209,10 +214,19 @@ def summarize(rows: list[dict], threads_measured: list[int]) -> dict:
                              ">=", TARGETS["pct_copy_bw"], detail4))
         checks.append(_check(f"{shape}: 4-bit speedup over fp32 F.linear", sp.get("fp32"), ">=", TARGETS["vs_fp32"],
                              detail4))
+
+        def ceiling(peer):
+            # The speedup over `peer` of an ideal kernel reading our bytes at the read roofline.
+            if r4 is None or not read_gbps or threads not in read_gbps:
+                return ""
+            ideal_ms = r4["weight_bytes"] / (read_gbps[threads] * 1e9) * 1e3
+            return (f"; ceiling at the read roofline ({read_gbps[threads]:.1f} GB/s): "
+                    f"{r4['baseline_ms'][peer] / ideal_ms:.2f}x")
+
         checks.append(_check(f"{shape}: 4-bit speedup over int8-dyn", sp.get("int8-dyn"), ">=", TARGETS["vs_int8"],
-                             detail4))
+                             detail4 + ceiling("int8-dyn")))
         checks.append(_check(f"{shape}: 4-bit speedup over aten-int4", sp.get("aten-int4"), ">=", TARGETS["vs_int4"],
-                             detail4))
+                             detail4 + ceiling("aten-int4")))
         ratio = r3["ms"] / r4["ms"] if (r3 and r4) else None
         checks.append(_check(f"{shape}: 3-bit time / 4-bit time (< 1: 3-bit faster)", ratio, "<", 1.0,
                              "" if ratio is None else f"3-bit {r3['ms']:.3f} ms, 4-bit {r4['ms']:.3f} ms"))
@@ -358,11 +372,12 @@ GPU_HEADER = ("| layer | M | bits | group | backend | ms | GB/s | % copy BW | vs
 def markdown(result: dict) -> str:
     info = result["machine"]
     copy = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in info["copy_gbps"].items())
+    read = ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in info.get("read_gbps", {}).items())
     s = result["settings"]
     lines = [
         machine_line(info),
         "",
-        f"CPU: copy bandwidth (read+write) {copy}; fused kernel up to M={info['fused_max_m']}; weights "
+        f"CPU: copy bandwidth (read+write) {copy}; read-only bandwidth {read or 'not measured'}; fused kernel up to M={info['fused_max_m']}; weights "
         f"{'hot (cache-resident)' if s['hot'] else 'cold (rotated beyond 3x L3)'}; per-call {s['stat']}, best of "
         f"{s['repeat']} series, settle {s['settle_s']} s; aten-int4 is the faster of fp32/bf16 activations.",
         "",
@@ -437,13 +452,15 @@ def main(argv=None) -> dict:
     info = machine_info()
     print(machine_line(info), flush=True)
     rows = []
-    info["copy_gbps"] = {}
+    info["copy_gbps"], info["read_gbps"] = {}, {}
     if not args.no_cpu:
         info["copy_gbps"] = {t: copy_bandwidth(t, args.copy_mb << 20) for t in args.threads}
-        print(f"copy bandwidth: {info['copy_gbps']}", flush=True)
+        info["read_gbps"] = {t: read_bandwidth(t, args.copy_mb << 20) for t in args.threads}
+        print(f"copy bandwidth (GB/s): {info['copy_gbps']}; read-only bandwidth (GB/s): {info['read_gbps']}",
+              flush=True)
         print(CPU_HEADER, flush=True)
         rows = run_cpu(args, models, info)
-    summary = summarize(rows, args.threads)
+    summary = summarize(rows, args.threads, info["read_gbps"])
     gpu = gpu_status()
     if args.no_gpu and gpu["available"]:
         gpu.update(available=False, reason="--no-gpu")

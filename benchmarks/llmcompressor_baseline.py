@@ -25,6 +25,11 @@ What it does, each step in a fresh subprocess (clean llm-compressor session, cle
      right after oneshot;
   5. evaluate the reloaded model on --eval with the same evaluate() call as fp32.
 
+  --timing-only (for speed comparisons on models too large to hold twice, e.g. the random
+  large-v3 of benchmarks/bench_quantize.py): no fp32 copy of the weights, no save / reload /
+  eval; after oneshot, the first and last quantized Linear are checked in memory (<= 16 distinct
+  values per group of 128).
+
 Writes <out>/result.json (all jobs) and prints a summary. Usage (inside the venv):
 
   python benchmarks/llmcompressor_baseline.py --model ~/.cache/fade-kernels/bundled/tiny.en \
@@ -161,7 +166,7 @@ def job_quant(args, pipeline: str) -> dict:
     torch.set_num_threads(args.threads)
     res: dict = {"job": f"llmcompressor-gptq-w4a16-{pipeline}", "pipeline": pipeline}
     model, processor = load_fp(args.model)
-    fp_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp_weights = {} if args.timing_only else {n: p.detach().clone() for n, p in model.named_parameters()}
     fp_proj_out = model.proj_out.weight.detach().clone()  # tied to decoder.embed_tokens
     t = time.perf_counter()
     utts, batches = build_calibration(model, processor, args)
@@ -225,6 +230,12 @@ def job_quant(args, pipeline: str) -> dict:
                                         if isinstance(m, torch.nn.Linear) and n not in dict(qlin)),
     }
     assert wargs.group_size == GROUP_SIZE and wargs.num_bits == 4, res["applied_scheme"]
+    if args.timing_only:
+        ends = [qlin[0], qlin[-1]]
+        res["weight_checks"] = {name: group_distinct_max(m.weight, GROUP_SIZE) for name, m in ends}
+        if max(res["weight_checks"].values()) > 16:
+            res.update(status="failed", error="weights are not 4-bit after oneshot: " + json.dumps(res["weight_checks"]))
+        return res
     mem_weights = {n + ".weight": m.weight.detach().clone() for n, m in qlin}
 
     # Save compressed (packed int4), reload decompressed, verify, evaluate.
@@ -329,6 +340,8 @@ def main() -> None:
     p.add_argument("--pipelines", default="sequential,basic",
                    help="llm-compressor calibration pipelines to try, each in its own process")
     p.add_argument("--skip-fp32", action="store_true")
+    p.add_argument("--timing-only", action="store_true",
+                   help="measure oneshot only: no fp32 weight copy, no save/reload/eval (large models)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate only the first N utterances")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -152,6 +152,20 @@ def test_summarize_targets_pass_and_fail_on_the_numbers(bench_qmatmul_module):
     assert "FAIL" in b.format_summary(summary)
 
 
+def test_summarize_states_the_read_roofline_ceiling_of_peer_speedups(bench_qmatmul_module):
+    """ceiling = peer ms / (our bytes / read bandwidth): 2e6 bytes at 40 GB/s is 0.05 ms, so a
+    0.4 ms int8-dyn allows 8x and a 0.5 ms aten-int4 10x."""
+    b = bench_qmatmul_module
+    base = {"fp32": 1.0, "bf16": 0.6, "int8-dyn": 0.4, "aten-int4": 0.5}
+    rows = [dict(_row(b, 1280, 5120, 1, 4, "fp32", 0.1, base), weight_bytes=2_000_000)]
+    details = {c["name"]: c["detail"] for c in b.summarize(rows, [2], {2: 40.0})["checks"]}
+    int8 = next(d for name, d in details.items() if "over int8-dyn" in name and "1280->5120" in name)
+    int4 = next(d for name, d in details.items() if "over aten-int4" in name and "1280->5120" in name)
+    assert "ceiling at the read roofline (40.0 GB/s): 8.00x" in int8
+    assert "ceiling at the read roofline (40.0 GB/s): 10.00x" in int4
+    assert all("ceiling" not in c["detail"] for c in b.summarize(rows, [2])["checks"])
+
+
 def test_gpu_rows_under_the_triton_interpreter(bench_qmatmul_module, monkeypatch):
     """run_gpu's bookkeeping on CPU tensors through the Triton interpreter (the CUDA path needs a GPU)."""
     pytest.importorskip("triton")

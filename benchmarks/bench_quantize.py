@@ -68,7 +68,9 @@ SENTENCES = (
 def random_model_dir(name: str, cache: Path) -> Path:
     """Build (once) and save a random-weight Whisper with RANDOM_MODELS[name]'s shapes; returns its dir."""
     out = cache / f"random-whisper-{name}"
-    if (out / "config.json").is_file() and (out / "preprocessor_config.json").is_file():
+    # transformers 5 saves the processor as processor_config.json, 4.x as preprocessor_config.json.
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and any(
+            (out / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         return out
     import torch
     from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
@@ -172,7 +174,7 @@ def run_job(args) -> dict:
         "peak_rss_process_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "target_bytes": fp32_bytes + TARGET_EXTRA_BYTES,
         "within_target": None if peak_bytes is None else peak_bytes <= fp32_bytes + TARGET_EXTRA_BYTES,
-        "offloaded_mb": report.offloaded_mb, "max_memory": args.max_memory,
+        "offloaded_mb": report.offloaded_mb, "released_mb": report.released_mb, "max_memory": args.max_memory,
         "mean_rel_output_error": sum(l.rel_output_error for l in report.layers) / max(len(report.layers), 1),
         "n_layers": len(report.layers), "torch_threads": torch.get_num_threads(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],

@@ -18,7 +18,8 @@ ActivationCache: with max_memory they stay in RAM up to that budget and are memo
 files beyond it. Model weights are never copied wholesale: no .to()/.float()/clone() of the
 model, only the current block is deep-copied (its twin) and written (dequantized weights, COW
 pages when the weights are memory-mapped), and each finished block is packed at once, dropping
-its dense weights. transformers' from_pretrained memory-maps float32 safetensors files (5.x,
+its dense weights and, when they were memory-mapped, giving their pages back (calib/mapped.py:
+otherwise every page read stays resident, since one mapping holds the whole file). transformers' from_pretrained memory-maps float32 safetensors files (5.x,
 copy-on-write), so blocks not yet processed stay file-backed pages the kernel can evict; a
 float16 checkpoint loaded as float32 is necessarily converted into RAM at load time.
 """
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fade_kernels.calib.cache import ActivationCache, CachedTensor, load, materialize, parse_size
 from fade_kernels.calib.capture import GramAccumulator, StopForward, capture_block_inputs, run_block
+from fade_kernels.calib.mapped import release_file_pages
 from fade_kernels.calib.resume import ResumeMismatchError, ResumeState, SavedState, run_fingerprint
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
@@ -84,7 +86,8 @@ class QuantizationReport:
     """config: QuantConfig.to_dict(); layers in solve order; seconds: wall time of this call;
     peak_rss_mb: process-lifetime peak RSS; stage_seconds: exclusive seconds per pipeline stage
     (StageTimer.STAGES); resumed_blocks: blocks restored from a resume folder instead of being
-    quantized by this call; offloaded_mb: activation cache bytes written to disk (max_memory)."""
+    quantized by this call; offloaded_mb: activation cache bytes written to disk (max_memory);
+    released_mb: pages of memory-mapped dense weights handed back after their blocks were packed."""
 
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
@@ -94,6 +97,7 @@ class QuantizationReport:
     stage_seconds: dict = field(default_factory=dict)
     resumed_blocks: int = 0
     offloaded_mb: float = 0.0
+    released_mb: float = 0.0
 
     def summary(self) -> str:
         errors = [layer.rel_output_error for layer in self.layers]
@@ -123,7 +127,7 @@ class QuantizationReport:
         return {"config": self.config, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "n_calib": self.n_calib, "stage_seconds": dict(self.stage_seconds),
                 "resumed_blocks": self.resumed_blocks, "offloaded_mb": self.offloaded_mb,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "released_mb": self.released_mb, "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantizationReport":
@@ -131,7 +135,7 @@ class QuantizationReport:
         return cls(config=data["config"], layers=layers, seconds=data.get("seconds", 0.0),
                    peak_rss_mb=data.get("peak_rss_mb", 0.0), n_calib=data.get("n_calib", 0),
                    stage_seconds=dict(data.get("stage_seconds", {})), resumed_blocks=data.get("resumed_blocks", 0),
-                   offloaded_mb=data.get("offloaded_mb", 0.0))
+                   offloaded_mb=data.get("offloaded_mb", 0.0), released_mb=data.get("released_mb", 0.0))
 
 
 def _peak_rss_mb() -> float:
@@ -347,6 +351,83 @@ class StageTimer:
                 setattr(gptq_module, name, fn)
 
 
+class _QuantizedOutputMemo:
+    """Outputs of a block's already-quantized linears, per calibration batch, replayed by later passes.
+
+    Each group's statistics pass re-runs the block up to that group's input, and the block's final
+    pass runs it whole. Linears solved earlier in the block see the same input in every later
+    pass (everything upstream is fixed and the call is the same), so their output is computed once
+    and reused. The same holds for a submodule whose linears are all solved (an attention module
+    once q/k/v and out_proj are): its whole output is replayed, attention included. The encoder's
+    fc2 pass and final pass then cost little more than fc2 itself. Results are identical to
+    recomputing. Entries beyond `budget_bytes` are not
+    kept (those outputs are recomputed). Install after the block's full-precision twin is copied
+    (a deep copy would carry the wrapped forwards) and close before packing.
+
+    Usage: memo.batch = batch index before each block call; memo.fix(names) once a group is
+    solved; memo.invalidate(name) when a solved linear is changed again (AWQ's scale folding)."""
+
+    def __init__(self, block: nn.Module, names: list[str], budget_bytes: int):
+        self.modules = {name: block.get_submodule(name) for name in names}
+        # Submodules (not the block) whose every nn.Linear is one of `names`: name -> their linears.
+        self.containers: dict[str, set[str]] = {}
+        for name, module in block.named_modules():
+            if not name or name in self.modules:
+                continue
+            linears = {f"{name}.{sub}" for sub, m in module.named_modules() if isinstance(m, nn.Linear)}
+            if linears and linears <= set(names):
+                self.containers[name] = linears
+                self.modules[name] = module
+        self.budget_bytes, self.stored_bytes = budget_bytes, 0
+        self.fixed: set[str] = set()
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.batch: int | None = None
+        for name, module in self.modules.items():
+            # An instance attribute shadows nn.Linear.forward; close() deletes it again.
+            module.forward = self._memo_forward(name, module.forward)
+
+    def _memo_forward(self, name: str, forward):
+        def memo_forward(*args, **kwargs):
+            if name not in self.fixed or self.batch is None:
+                return forward(*args, **kwargs)
+            key = (name, self.batch)
+            hit = self.outputs.get(key)
+            if hit is not None:
+                return hit
+            out = forward(*args, **kwargs)
+            size = sum(t.numel() * t.element_size() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                       if isinstance(t, torch.Tensor))
+            if self.stored_bytes + size <= self.budget_bytes:
+                self.outputs[key] = out
+                self.stored_bytes += size
+            return out
+        return memo_forward
+
+    def fix(self, names) -> None:
+        self.fixed.update(name for name in names if name in self.modules)
+        self.fixed.update(name for name, linears in self.containers.items() if linears <= self.fixed)
+
+    def invalidate(self, name: str) -> None:
+        """Forget `name`'s outputs and those of every container holding it."""
+        stale = {name} | {container for container, linears in self.containers.items() if name in linears}
+        for key in [key for key in self.outputs if key[0] in stale]:
+            out = self.outputs.pop(key)
+            self.stored_bytes -= sum(t.numel() * t.element_size()
+                                     for t in (out if isinstance(out, (tuple, list)) else (out,))
+                                     if isinstance(t, torch.Tensor))
+
+    def close(self) -> None:
+        for module in self.modules.values():
+            del module.forward
+        self.outputs.clear()
+        self.stored_bytes = 0
+
+
+# RAM for _QuantizedOutputMemo (a quarter of max_memory when that is smaller): 16 large-v3
+# utterances need ~1 GB to replay every encoder linear.
+MEMO_BUDGET_BYTES = 1536 << 20
+
+
 @dataclass
 class _GroupStatistics:
     """One input group's statistics as the solvers read them (see GramAccumulator).
@@ -387,6 +468,9 @@ class _StackQuantizer:
         self.quantized: list[str] = []      # every packed layer, in solve order
         # (stack, group names) -> _GroupStatistics of a group whose input is the encoder output.
         self.shared_inputs: dict[tuple, _GroupStatistics] = {}
+        budget = self.cache.max_bytes
+        self.memo_budget = MEMO_BUDGET_BYTES if budget is None else min(MEMO_BUDGET_BYTES, budget // 4)
+        self.memo: _QuantizedOutputMemo | None = None
 
     def put(self, tensor: torch.Tensor, replaces: CachedTensor | None = None) -> CachedTensor:
         with self.timer("offload"):
@@ -411,16 +495,24 @@ class _StackQuantizer:
                 # only) for G and D, and its output as the next block's full-precision input.
                 with self.timer("forward"):
                     fp_rows = self._run_fp_twin(copy.deepcopy(block), groups, fp_calls, masks, stack_name)
-            for group_index, group in enumerate(groups):
-                self._solve_group(block, block_name, group, calls, masks, halves,
-                                  None if fp_rows is None else fp_rows[group_index], stack_name, index)
-                if fp_rows is not None:
-                    for entry in fp_rows[group_index]:
-                        self.cache.release(entry)
-                bar.update(1)
-            with self.timer("forward"):
-                for call in calls:
-                    call["hidden_states"] = self.put(run_block(block, materialize(call)), call["hidden_states"])
+            self.memo = _QuantizedOutputMemo(block, [name for group in groups for name in group.names],
+                                             self.memo_budget)
+            try:
+                for group_index, group in enumerate(groups):
+                    self._solve_group(block, block_name, group, calls, masks, halves,
+                                      None if fp_rows is None else fp_rows[group_index], stack_name, index)
+                    self.memo.fix(group.names)
+                    if fp_rows is not None:
+                        for entry in fp_rows[group_index]:
+                            self.cache.release(entry)
+                    bar.update(1)
+                with self.timer("forward"):
+                    for batch, call in enumerate(calls):
+                        self.memo.batch = batch
+                        call["hidden_states"] = self.put(run_block(block, materialize(call)), call["hidden_states"])
+            finally:
+                self.memo.close()
+                self.memo = None
             names = self._pack_block(block, block_name)
             if self.on_block_done is not None:
                 self.on_block_done(stack_name, index, block, names, calls, fp_calls)
@@ -436,9 +528,13 @@ class _StackQuantizer:
         prefix = block_name + "."
         names = [name[len(prefix):] for name in self.solved]
         with self.timer("packing"):
+            dense = [block.get_submodule(name).weight.detach() for name in names]
             replace_linears(block, names, lambda name, linear: QuantLinear.from_codes(
                 *self.solved[prefix + name], bits=config.bits, group_size=config.group_size,
                 bias=None if linear.bias is None else linear.bias.detach(), sym=config.sym))
+            # Weights memory-mapped from the checkpoint stay resident after the swap (one mapping
+            # holds the whole file): hand their pages back, nothing reads them again.
+            self.report.released_mb += release_file_pages(dense) / 1e6
         self.quantized += [prefix + name for name in names]
         self.solved.clear()
         return names
@@ -497,6 +593,8 @@ class _StackQuantizer:
                 kwargs = materialize(call)
                 current.update(mask=mask[group.mask], batch=batch, halves=halves[batch],
                                encoder_output=kwargs.get("encoder_hidden_states"))
+                if self.memo is not None:
+                    self.memo.batch = batch
                 try:
                     run_block(block, kwargs)
                 except StopForward:
@@ -581,6 +679,8 @@ class _StackQuantizer:
         # An already-quantized v_proj: its output rows are this group's input channels. Scaling a
         # row scales that row's group scales and keeps the codes; the new scales are rounded to
         # float16 as the checkpoint stores them, and the live weight follows the rounded ones.
+        if self.memo is not None:
+            self.memo.invalidate(group.scale_into)   # its output changes with its rows
         entry = self.solved[f"{block_name}.{group.scale_into}"]
         entry[1] = (entry[1] / input_scale[:, None]).half().float()
         source.weight.data.copy_(_dequantized(entry[0], entry[1], entry[2], source.in_features).to(source.weight.dtype))

@@ -163,3 +163,88 @@ def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path, monkeypatch):
                    progress=False)
     # After encoder block 0 all three are untouched; each turns into a QuantLinear once its block is done.
     assert seen[0] == [True, True, True] and seen[1][1:] == [True, True] and seen[2][2] is True
+
+
+def resident_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux only")
+def test_release_file_pages_hands_back_mapped_pages_and_leaves_the_heap_alone(tmp_path):
+    from fade_kernels.calib.mapped import release_file_pages
+
+    n = 4 << 20                                  # 16 MiB of float32
+    expected = torch.arange(n, dtype=torch.float32)
+    path = tmp_path / "weights.bin"
+    expected.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)   # MAP_PRIVATE, like safetensors
+    assert torch.equal(mapped, expected)         # every page is now resident
+    mapped[0] = -1.0                             # a copy-on-write page, like a dequantized weight written in place
+    before = resident_kib()
+    released = release_file_pages([mapped])
+    after = resident_kib()
+    assert released >= 16 * 2**20 - 2 * 4096
+    assert before - after >= 12 * 1024, (before, after)
+    # What is read afterwards is the file again: the written value is gone (hence: only release
+    # weights nothing will read).
+    assert float(mapped[0]) == 0.0 and torch.equal(mapped, expected)
+
+    heap = torch.randn(1 << 20)
+    copy_of_heap = heap.clone()
+    assert release_file_pages([heap, torch.empty(0)]) == 0
+    assert torch.equal(heap, copy_of_heap)
+
+
+def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path, _one_thread):  # noqa: F811
+    """A memory-mapped model (from_pretrained) and an in-RAM copy of it quantize to the same
+    tensors; only the mapped one releases pages."""
+    from transformers import WhisperForConditionalGeneration
+
+    short_whisper().save_pretrained(tmp_path)
+    mapped = WhisperForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    in_ram = copy.deepcopy(mapped)
+    samples = short_samples(n=2)
+    config = QuantConfig(method="gptq", bits=4, group_size=32)
+    reports = [quantize_model(m, samples, config, batch_size=2, progress=False) for m in (mapped, in_ram)]
+    assert reports[0].released_mb > 0 and reports[1].released_mb == 0
+    assert_identical(quantized_tensors(mapped), quantized_tensors(in_ram))
+
+
+@pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "awq"), ("moonshine", "fade")])
+def test_replaying_quantized_linear_outputs_changes_nothing(family, method, tiny_whisper, tiny_moonshine,
+                                                            monkeypatch):
+    """Later passes over a block reuse the outputs of its already-solved linears; the result must
+    equal recomputing them (budget 0), including AWQ, which rescales a solved v_proj afterwards."""
+    from fade_kernels import api
+
+    from test_pipeline import moonshine_samples, whisper_samples
+
+    model = tiny_whisper if family == "whisper" else tiny_moonshine
+    samples = whisper_samples() if family == "whisper" else moonshine_samples()
+    config = QuantConfig(method=method, bits=3, group_size=32)
+    replayed, names = [], set()
+    original_close = api._QuantizedOutputMemo.close
+
+    def counting_close(self):
+        replayed.append(len(self.outputs))
+        names.update(name for name, _ in self.outputs)
+        original_close(self)
+
+    monkeypatch.setattr(api._QuantizedOutputMemo, "close", counting_close)
+    results = []
+    for budget in (api.MEMO_BUDGET_BYTES, 0):
+        monkeypatch.setattr(api, "MEMO_BUDGET_BYTES", budget)
+        replayed.clear()
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, samples, config, batch_size=4, progress=False)
+        assert (min(replayed) > 0) if budget else (max(replayed) == 0)
+        if budget:   # whole attention modules are replayed once their four linears are solved
+            assert {"self_attn", "encoder_attn"} <= names, names
+        names.clear()
+        results.append(quantized_tensors(quantized))
+        # The wrapped forwards are gone: every remaining nn.Linear runs its class forward again.
+        assert all("forward" not in vars(m) for m in quantized.modules() if isinstance(m, torch.nn.Linear))
+    assert_identical(*results)

@@ -19,7 +19,9 @@ files beyond it. Model weights are never copied wholesale: no .to()/.float()/clo
 model, only the current block is deep-copied (its twin) and written (dequantized weights, COW
 pages when the weights are memory-mapped), and each finished block is packed at once, dropping
 its dense weights and, when they were memory-mapped, giving their pages back (calib/mapped.py:
-otherwise every page read stays resident, since one mapping holds the whole file). transformers' from_pretrained memory-maps float32 safetensors files (5.x,
+otherwise every page read stays resident, since one mapping holds the whole file). Within a
+block, the outputs of solved linears and attention modules are kept (up to MEMO_BUDGET_BYTES)
+and replayed by the block's later passes (_QuantizedOutputMemo). transformers' from_pretrained memory-maps float32 safetensors files (5.x,
 copy-on-write), so blocks not yet processed stay file-backed pages the kernel can evict; a
 float16 checkpoint loaded as float32 is necessarily converted into RAM at load time.
 """

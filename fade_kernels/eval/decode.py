@@ -296,7 +296,7 @@ def evaluate(
     report.update(
         n_utts=len(utts),
         audio_seconds=round(audio_seconds, 3),
-        decode_seconds=round(decode_seconds, 3),
+        decode_seconds=round(decode_seconds, 6),  # rtf below uses the unrounded value
         rtf=decode_seconds / audio_seconds if audio_seconds > 0 else float("nan"),
         utterances=[
             {"id": u.id, "subset": u.subset, "ref": u.text, "hyp": h} for u, h in zip(utts, hyps)

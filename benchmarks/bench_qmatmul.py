@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, effective_group, machine_info,
-                     read_bandwidth,
                      machine_line, make_aten_int4, make_dense, make_int8_dynamic, make_ours, ours_bytes,
-                     random_gptq_tensors, rotating, write_outputs)
+                     random_gptq_tensors, read_bandwidth, rotating, write_outputs)
 from fade_kernels.ops import cpu
 from fade_kernels.ops.registry import BACKENDS
 
@@ -377,7 +376,8 @@ def markdown(result: dict) -> str:
     lines = [
         machine_line(info),
         "",
-        f"CPU: copy bandwidth (read+write) {copy}; read-only bandwidth {read or 'not measured'}; fused kernel up to M={info['fused_max_m']}; weights "
+        f"CPU: copy bandwidth (read+write) {copy}; read-only bandwidth {read or 'not measured'}; "
+        f"fused kernel up to M={info['fused_max_m']}; weights "
         f"{'hot (cache-resident)' if s['hot'] else 'cold (rotated beyond 3x L3)'}; per-call {s['stat']}, best of "
         f"{s['repeat']} series, settle {s['settle_s']} s; aten-int4 is the faster of fp32/bf16 activations.",
         "",

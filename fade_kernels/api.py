@@ -170,7 +170,7 @@ def _gptq_factor(stats: GramStats, config: QuantConfig, factor_cache: dict) -> G
 
 
 def _base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Tensor | None, config: QuantConfig,
-                allow_input_scale: bool = True, factor_cache: dict | None = None):
+                allow_input_scale: bool, factor_cache: dict):
     """Quantize the stacked weight float32 (N, K) with the config's base solver.
 
     allow_input_scale: False where the group's input cannot be rescaled (AWQ then falls back to
@@ -185,7 +185,7 @@ def _base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Ten
     if solver == "gptq":
         result = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                                act_order=config.act_order, block_size=config.block_size, damp=config.damp,
-                               prepared=_gptq_factor(stats, config, {} if factor_cache is None else factor_cache))
+                               prepared=_gptq_factor(stats, config, factor_cache))
         return result.codes, result.scales, result.zeros, None
     from fade_kernels.solver.awq import awq_quantize
 
@@ -362,12 +362,13 @@ class _QuantizedOutputMemo:
     and reused. The same holds for a submodule whose linears are all solved (an attention module
     once q/k/v and out_proj are): its whole output is replayed, attention included. The encoder's
     fc2 pass and final pass then cost little more than fc2 itself. Results are identical to
-    recomputing. Entries beyond `budget_bytes` are not
-    kept (those outputs are recomputed). Install after the block's full-precision twin is copied
-    (a deep copy would carry the wrapped forwards) and close before packing.
+    recomputing. Entries beyond `budget_bytes` are not kept (those outputs are recomputed).
+    Install after the block's full-precision twin is copied (a deep copy would carry the wrapped
+    forwards) and close before packing.
 
     Usage: memo.batch = batch index before each block call; memo.fix(names) once a group is
-    solved; memo.invalidate(name) when a solved linear is changed again (AWQ's scale folding)."""
+    solved; memo.invalidate(name) when a solved linear is changed again (AWQ's scale folding);
+    memo.storing = False before the block's last pass, whose new outputs nothing would replay."""
 
     def __init__(self, block: nn.Module, names: list[str], budget_bytes: int):
         self.modules = {name: block.get_submodule(name) for name in names}
@@ -382,8 +383,9 @@ class _QuantizedOutputMemo:
                 self.modules[name] = module
         self.budget_bytes, self.stored_bytes = budget_bytes, 0
         self.fixed: set[str] = set()
-        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[str, int], tuple] = {}   # (name, batch) -> (output, its bytes)
         self.batch: int | None = None
+        self.storing = True
         for name, module in self.modules.items():
             # An instance attribute shadows nn.Linear.forward; close() deletes it again.
             module.forward = self._memo_forward(name, module.forward)
@@ -395,13 +397,14 @@ class _QuantizedOutputMemo:
             key = (name, self.batch)
             hit = self.outputs.get(key)
             if hit is not None:
-                return hit
+                return hit[0]
             out = forward(*args, **kwargs)
-            size = sum(t.numel() * t.element_size() for t in (out if isinstance(out, (tuple, list)) else (out,))
-                       if isinstance(t, torch.Tensor))
-            if self.stored_bytes + size <= self.budget_bytes:
-                self.outputs[key] = out
-                self.stored_bytes += size
+            if self.storing:
+                size = sum(t.numel() * t.element_size() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                           if isinstance(t, torch.Tensor))
+                if self.stored_bytes + size <= self.budget_bytes:
+                    self.outputs[key] = (out, size)
+                    self.stored_bytes += size
             return out
         return memo_forward
 
@@ -413,10 +416,7 @@ class _QuantizedOutputMemo:
         """Forget `name`'s outputs and those of every container holding it."""
         stale = {name} | {container for container, linears in self.containers.items() if name in linears}
         for key in [key for key in self.outputs if key[0] in stale]:
-            out = self.outputs.pop(key)
-            self.stored_bytes -= sum(t.numel() * t.element_size()
-                                     for t in (out if isinstance(out, (tuple, list)) else (out,))
-                                     if isinstance(t, torch.Tensor))
+            self.stored_bytes -= self.outputs.pop(key)[1]
 
     def close(self) -> None:
         for module in self.modules.values():
@@ -508,6 +508,7 @@ class _StackQuantizer:
                         for entry in fp_rows[group_index]:
                             self.cache.release(entry)
                     bar.update(1)
+                self.memo.storing = False
                 with self.timer("forward"):
                     for batch, call in enumerate(calls):
                         self.memo.batch = batch
@@ -571,13 +572,14 @@ class _StackQuantizer:
         module = block.get_submodule(group.names[0])
         accumulator = GramAccumulator(module.in_features, with_error=fp_rows is not None, n_halves=self.n_halves)
         current = {}
-        reads_encoder_output = [group.mask == ENCODER_FRAMES]
+        reads_encoder_output = group.mask == ENCODER_FRAMES
 
         def hook(module, args):
+            nonlocal reads_encoder_output
             x = args[0].detach()
-            if reads_encoder_output[0]:
+            if reads_encoder_output:
                 encoder_output = current["encoder_output"]
-                reads_encoder_output[0] = x is encoder_output or (
+                reads_encoder_output = x is encoder_output or (
                     encoder_output is not None and x.shape == encoder_output.shape and torch.equal(x, encoder_output))
             mask = current["mask"]
             x_hat = x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float()
@@ -603,7 +605,7 @@ class _StackQuantizer:
                     pass
         finally:
             handle.remove()
-        return accumulator, reads_encoder_output[0]
+        return accumulator, reads_encoder_output
 
     def _solve_group(self, block, block_name, group, calls, masks, halves, fp_rows, stack_name, block_index):
         modules = [block.get_submodule(name) for name in group.names]

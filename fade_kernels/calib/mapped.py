@@ -73,9 +73,9 @@ def release_file_pages(tensors: list[torch.Tensor], mappings: list[tuple[int, in
             if map_start <= begin and end <= map_end:
                 first = (begin + page - 1) // page * page   # only pages no other tensor shares
                 last = end // page * page
-                if last > first and _madvise()(first, last - first, _MADV_DONTNEED) == 0:
+                if last > first:
+                    if _madvise()(first, last - first, _MADV_DONTNEED) != 0:
+                        raise OSError(ctypes.get_errno(), f"madvise failed: {os.strerror(ctypes.get_errno())}")
                     released += last - first
-                elif last > first:
-                    raise OSError(ctypes.get_errno(), f"madvise failed: {os.strerror(ctypes.get_errno())}")
                 break
     return released

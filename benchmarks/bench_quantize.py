@@ -131,6 +131,7 @@ def synthetic_manifest(folder: Path, n: int, seed: int) -> Path:
 def run_job(args) -> dict:
     import torch
 
+    from fade_kernels import api
     from fade_kernels.api import quantize_model
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
@@ -140,6 +141,8 @@ def run_job(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memo_budget is not None:
+        api.MEMO_BUDGET_BYTES = args.memo_budget
     start = time.perf_counter()
     model, processor = load_model_and_processor(args.job_model_dir)
     load_seconds = time.perf_counter() - start
@@ -175,6 +178,7 @@ def run_job(args) -> dict:
         "target_bytes": fp32_bytes + TARGET_EXTRA_BYTES,
         "within_target": None if peak_bytes is None else peak_bytes <= fp32_bytes + TARGET_EXTRA_BYTES,
         "offloaded_mb": report.offloaded_mb, "released_mb": report.released_mb, "max_memory": args.max_memory,
+        "memo_budget_bytes": api.MEMO_BUDGET_BYTES,
         "mean_rel_output_error": sum(l.rel_output_error for l in report.layers) / max(len(report.layers), 1),
         "n_layers": len(report.layers), "torch_threads": torch.get_num_threads(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
@@ -261,6 +265,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-memory", help="quantize_model's activation-cache budget, e.g. 2GB (default none)")
+    parser.add_argument("--memo-budget", type=int,
+                        help="bytes for replaying solved layers' outputs (fade_kernels.api.MEMO_BUDGET_BYTES; "
+                             "0 turns the replay off)")
     parser.add_argument("--with-resume", action="store_true", help="also write resume state after each block")
     parser.add_argument("--threads", type=int, help="torch threads (default torch's)")
     parser.add_argument("--model-cache", help="where random models are saved (default <fade cache>/bench)")

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from fade_kernels.calib.cache import ActivationCache, CachedTensor, load, materialize, parse_size
 from fade_kernels.calib.capture import GramAccumulator, StopForward, capture_block_inputs, run_block
+from fade_kernels.calib.heap import retain_freed_memory
 from fade_kernels.calib.mapped import release_file_pages
 from fade_kernels.calib.resume import ResumeMismatchError, ResumeState, SavedState, run_fingerprint
 from fade_kernels.calib.samples import CalibSample
@@ -752,7 +753,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     cache = ActivationCache(budget, offload_dir)
     timer = StageTimer()
     try:
-        with timer.gptq_hooks():
+        with timer.gptq_hooks(), retain_freed_memory():
             report = _quantize(model, samples, config, batch_size, adapter, progress, two_chain, resume, cache, timer)
     finally:
         cache.close()

@@ -98,6 +98,11 @@ class GramAccumulator:
     delta = X - X-hat. Rows are added to half 0 or 1 (FADE's cross-fitting halves, by utterance);
     with n_halves=1 everything goes to one half. The GEMM order of the single-half case is the
     same as HessianAccumulator's, so plain GPTQ gets the same Hessian bit for bit.
+
+    While the rows added so far number at most `width`, they are also kept (x-hat and delta, by
+    reference): a layer's output error is then cheaper from the rows (R x K x N flops) than from
+    the K x K Gram matrices (K x K x N), which is the case for every decoder layer of a short
+    calibration set. See kept_rows.
     """
 
     def __init__(self, width: int, with_error: bool = False, n_halves: int = 1):
@@ -110,6 +115,8 @@ class GramAccumulator:
         self.abs_sum = torch.zeros(width, dtype=torch.float64)
         self.rows = [0] * n_halves
         self.total_rows = 0
+        self._kept: list[tuple] | None = []   # (x_hat, delta) per add while few enough rows
+        self._kept_count = 0
 
     def add(self, x_hat: torch.Tensor, delta: torch.Tensor | None = None, half: torch.Tensor | None = None,
             total_rows: int | None = None) -> None:
@@ -138,6 +145,21 @@ class GramAccumulator:
                 self.g[index].addmm_(err.t(), rows)
                 self.d[index].addmm_(err.t(), err)
             self.rows[index] += rows.shape[0]
+        if self._kept is not None:
+            self._kept_count += x_hat.shape[0]
+            if self._kept_count <= self.width:
+                self._kept.append((x_hat, delta))
+            else:
+                self._kept = None
+
+    def kept_rows(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(x_hat float32 (R, K), delta float32 (R, K) or None without the full-precision chain): every
+        row added, when R <= width; None once more rows than that were added."""
+        if not self._kept:
+            return None
+        x_hat = torch.cat([x for x, _ in self._kept])
+        delta = torch.cat([d for _, d in self._kept]) if self.with_error else None
+        return x_hat, delta
 
     def _stats(self, halves: list[int]):
         from fade_kernels.solver.fade import GramStats

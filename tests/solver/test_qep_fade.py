@@ -178,6 +178,48 @@ def test_gram_accumulator_halves_add_up_to_the_whole():
         acc.add(x_hat, None, half)
 
 
+def test_accumulator_keeps_its_rows_only_while_they_are_at_most_the_width():
+    generator = torch.Generator().manual_seed(5)
+    x_hat, delta = torch.randn(20, 16, generator=generator), torch.randn(20, 16, generator=generator)
+    acc = GramAccumulator(16, with_error=True)
+    acc.add(x_hat[:10], delta[:10])
+    acc.add(x_hat[10:16], delta[10:16])
+    kept_x, kept_delta = acc.kept_rows()
+    torch.testing.assert_close(kept_x, x_hat[:16], rtol=0, atol=0)
+    torch.testing.assert_close(kept_delta, delta[:16], rtol=0, atol=0)
+    acc.add(x_hat[16:], delta[16:])   # 20 rows > 16: the rows are no longer kept
+    assert acc.kept_rows() is None
+    plain = GramAccumulator(16)
+    plain.add(x_hat[:4])
+    assert plain.kept_rows()[1] is None
+
+
+@pytest.mark.parametrize("tokens", [40, 200])
+def test_output_errors_from_rows_equal_the_gram_formulas_in_float64(tokens):
+    """The row path (used when R <= K) and the Gram path give the same errors, checked against
+    explicit float64 outputs."""
+    from fade_kernels.api import relative_output_error
+
+    generator = torch.Generator().manual_seed(tokens)
+    x_hat, x = chains(tokens, 64, generator)
+    weight = torch.randn(48, 64, generator=generator)
+    weight_hat = weight + 0.05 * torch.randn(48, 64, generator=generator)
+    stats = gram(x_hat, x)
+    rows = (x_hat, x - x_hat)
+    from_rows = output_error_vs_full_precision(weight, weight_hat, stats, rows)
+    from_grams = output_error_vs_full_precision(weight, weight_hat, stats)
+    w64, w_hat64 = weight.double(), weight_hat.double()
+    reference = (x.double() @ w64.t()).norm()
+    explicit = float((x.double() @ w64.t() - x_hat.double() @ w_hat64.t()).norm() / reference)
+    explicit_propagated = float(((x - x_hat).double() @ w64.t()).norm() / reference)
+    for got in (from_rows, from_grams):
+        assert got[0] == pytest.approx(explicit, rel=1e-4)
+        assert got[1] == pytest.approx(explicit_propagated, rel=1e-4)
+    local = float((x_hat.double() @ (w64 - w_hat64).t()).norm() / (x_hat.double() @ w64.t()).norm())
+    assert relative_output_error(weight, weight_hat, stats.hessian, x_hat) == pytest.approx(local, rel=1e-5)
+    assert relative_output_error(weight, weight_hat, stats.hessian) == pytest.approx(local, rel=1e-4)
+
+
 def test_choose_alpha_rejects_unknown_rule():
     with pytest.raises(ValueError, match="rule"):
         choose_alpha(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),

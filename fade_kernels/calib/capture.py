@@ -90,14 +90,45 @@ def hessian_hook(accumulator: HessianAccumulator, mask_ref: dict, mask_key: str)
     return hook
 
 
+# Column block of the symmetric Gram updates: X^T X is accumulated on the block upper triangle
+# only (blocks (i, j) with j >= i), which is about (1 + B/K) / 2 of the flops of the full GEMM.
+# Measured on 2 Zen 5 cores, K = 5120 and 2249 rows: 551 ms full, 356 ms with B = 1280, 322 ms
+# with B = 640.
+GRAM_BLOCK = 640
+
+
+def accumulate_symmetric_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """gram += rows^T rows on the block upper triangle of `gram` only.
+
+    gram: float32 (K, K); rows: float32 (R, K). The blocks strictly below the block diagonal are
+    left as they are: mirror_block_upper(gram) fills them in once all rows are added."""
+    width = rows.shape[1]
+    if width <= GRAM_BLOCK:
+        gram.addmm_(rows.t(), rows)
+        return
+    for start in range(0, width, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, width)
+        gram[start:stop, start:].addmm_(rows[:, start:stop].t(), rows[:, start:])
+
+
+def mirror_block_upper(gram: torch.Tensor) -> torch.Tensor:
+    """Copy the block upper triangle of a Gram matrix float32 (K, K) onto its strictly-lower blocks,
+    in place (see accumulate_symmetric_gram); idempotent. Returns gram."""
+    width = gram.shape[0]
+    for start in range(GRAM_BLOCK, width, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, width)
+        gram[start:stop, :start] = gram[:start, start:stop].t()
+    return gram
+
+
 class GramAccumulator:
     """Running Gram matrices of one input group over valid rows, float32 sums, split in halves.
 
     Always: H-hat = X-hat^T X-hat (rows as tokens) and sum |x-hat| per input channel (for AWQ).
     With the full-precision chain (with_error=True) also G = delta^T X-hat and D = delta^T delta,
     delta = X - X-hat. Rows are added to half 0 or 1 (FADE's cross-fitting halves, by utterance);
-    with n_halves=1 everything goes to one half. The GEMM order of the single-half case is the
-    same as HessianAccumulator's, so plain GPTQ gets the same Hessian bit for bit.
+    with n_halves=1 everything goes to one half. H and D are symmetric: only their block upper
+    triangle is accumulated (accumulate_symmetric_gram), and stats() mirrors it.
 
     While the rows added so far number at most `width`, they are also kept (x-hat and delta, by
     reference): a layer's output error is then cheaper from the rows (R x K x N flops) than from
@@ -140,10 +171,10 @@ class GramAccumulator:
                 err = delta[pick] if delta is not None else None
             if rows.shape[0] == 0:
                 continue
-            self.h[index].addmm_(rows.t(), rows)
+            accumulate_symmetric_gram(self.h[index], rows)
             if self.with_error:
                 self.g[index].addmm_(err.t(), rows)
-                self.d[index].addmm_(err.t(), err)
+                accumulate_symmetric_gram(self.d[index], err)
             self.rows[index] += rows.shape[0]
         if self._kept is not None:
             self._kept_count += x_hat.shape[0]
@@ -169,13 +200,16 @@ class GramAccumulator:
             raise RuntimeError("no valid calibration rows reached this layer" if len(halves) > 1 or self.n_halves == 1
                                else "a cross-fitting half received no calibration rows (need at least 2 utterances)")
 
-        def mean(mats):
+        def mean(mats, symmetric=True):
             if mats is None:
                 return None
+            if symmetric:
+                for i in halves:
+                    mirror_block_upper(mats[i])
             total = mats[halves[0]] if len(halves) == 1 else sum(mats[i] for i in halves)
             return total / rows
 
-        return GramStats(mean(self.h), mean(self.g), mean(self.d), rows)
+        return GramStats(mean(self.h), mean(self.g, symmetric=False), mean(self.d), rows)
 
     def stats(self):
         """GramStats over all rows (means)."""

@@ -178,6 +178,32 @@ def test_gram_accumulator_halves_add_up_to_the_whole():
         acc.add(x_hat, None, half)
 
 
+@pytest.mark.parametrize("width", [1300, 1280])
+def test_block_symmetric_gram_accumulation_matches_float64(width):
+    """Above GRAM_BLOCK columns only the block upper triangle is accumulated and then mirrored:
+    H and D must still equal the full float64 products (a width that the block does not divide
+    included), halves and repeated stats() calls too."""
+    from fade_kernels.calib.capture import GRAM_BLOCK
+
+    assert width > GRAM_BLOCK
+    generator = torch.Generator().manual_seed(width)
+    x_hat = torch.randn(90, width, generator=generator) + 0.5
+    delta = 0.1 * torch.randn(90, width, generator=generator)
+    half = torch.arange(90) % 2
+    acc = GramAccumulator(width, with_error=True, n_halves=2)
+    for part in (slice(0, 40), slice(40, 90)):
+        acc.add(x_hat[part], delta[part], half[part])
+    x64, d64 = x_hat.double(), delta.double()
+    for _ in range(2):   # mirroring twice changes nothing
+        stats = acc.stats()
+        torch.testing.assert_close(stats.hessian.double(), x64.t() @ x64 / 90, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.error.double(), d64.t() @ d64 / 90, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.cross.double(), d64.t() @ x64 / 90, rtol=1e-5, atol=1e-6)
+    first = acc.half_stats(0)
+    rows = x64[half == 0]
+    torch.testing.assert_close(first.hessian.double(), rows.t() @ rows / rows.shape[0], rtol=1e-5, atol=1e-5)
+
+
 def test_accumulator_keeps_its_rows_only_while_they_are_at_most_the_width():
     generator = torch.Generator().manual_seed(5)
     x_hat, delta = torch.randn(20, 16, generator=generator), torch.randn(20, 16, generator=generator)

@@ -20,10 +20,13 @@ model, only the current block is deep-copied (its twin) and written (dequantized
 pages when the weights are memory-mapped), and each finished block is packed at once, dropping
 its dense weights and, when they were memory-mapped, giving their pages back (calib/mapped.py:
 otherwise every page read stays resident, since one mapping holds the whole file). Within a
-block, the outputs of solved linears and attention modules are kept (up to MEMO_BUDGET_BYTES)
-and replayed by the block's later passes (_QuantizedOutputMemo). transformers' from_pretrained memory-maps float32 safetensors files (5.x,
-copy-on-write), so blocks not yet processed stay file-backed pages the kernel can evict; a
-float16 checkpoint loaded as float32 is necessarily converted into RAM at load time.
+block, the outputs of solved linears, attention modules and activation functions are kept (up to
+MEMO_BUDGET_BYTES) and replayed by the block's later passes (_QuantizedOutputMemo), so each block
+runs its linears and its attention once. transformers' from_pretrained memory-maps float32
+safetensors files (5.x, copy-on-write), so blocks not yet processed stay file-backed pages the
+kernel can evict; a float16 checkpoint loaded as float32 is necessarily converted into RAM at load
+time. During the run, freed buffers stay in the process for reuse (calib/heap.py): the resident
+set stays at its high-water mark, and large temporaries are not faulted in again page by page.
 """
 from __future__ import annotations
 

@@ -11,9 +11,14 @@ BUFFER_BYTES = 48 << 20   # above glibc's largest mmap threshold (32 MB)
 
 
 def _mapped_bytes_while_holding_buffer() -> int:
-    """Bytes glibc serves from mmap while one fresh BUFFER_BYTES tensor is alive, minus before."""
+    """Bytes glibc serves from mmap while one fresh buffer is alive, minus before.
+
+    The buffer is larger than all free heap memory (earlier tests leave free chunks that glibc
+    reuses whatever the settings), so it must come from a new mapping or from growing the heap:
+    which of the two is what the settings decide. torch.empty touches no page, so it is cheap."""
+    size = BUFFER_BYTES + mallinfo2().fordblks
     before = mallinfo2().hblkhd
-    buffer = torch.empty(BUFFER_BYTES, dtype=torch.uint8)
+    buffer = torch.empty(size, dtype=torch.uint8)
     during = mallinfo2().hblkhd
     del buffer
     return during - before

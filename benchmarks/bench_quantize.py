@@ -133,6 +133,7 @@ def run_job(args) -> dict:
 
     from fade_kernels import api
     from fade_kernels.api import quantize_model
+    from fade_kernels.calib.heap import retention_requested
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
@@ -179,8 +180,8 @@ def run_job(args) -> dict:
         "within_target": None if peak_bytes is None else peak_bytes <= fp32_bytes + TARGET_EXTRA_BYTES,
         "offloaded_mb": report.offloaded_mb, "released_mb": report.released_mb, "max_memory": args.max_memory,
         "memo_budget_bytes": api.MEMO_BUDGET_BYTES,
-        # calib/heap.py: freed buffers kept in the process during quantization (on unless "0")
-        "retain_freed_memory": os.environ.get("FADE_RETAIN_FREED_MEMORY", "1") != "0",
+        # calib/heap.py: freed buffers kept in the process during quantization
+        "retain_freed_memory": retention_requested(),
         "mean_rel_output_error": sum(l.rel_output_error for l in report.layers) / max(len(report.layers), 1),
         "n_layers": len(report.layers), "torch_threads": torch.get_num_threads(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],

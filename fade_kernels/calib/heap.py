@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
+
+from fade_kernels.calib.mapped import c_library
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ def _glibc() -> ctypes.CDLL | None:
     global _glibc_handle
     if _glibc_handle is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = c_library()
             libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
             libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            if hasattr(libc, "mallinfo2"):
+                libc.mallinfo2.restype = MallInfo2
             _glibc_handle = libc
         except (OSError, AttributeError):
             _glibc_handle = False
@@ -62,10 +65,13 @@ def _glibc() -> ctypes.CDLL | None:
 def mallinfo2() -> MallInfo2 | None:
     """glibc's allocator statistics (hblkhd: bytes in mmap-served blocks), or None without glibc 2.33+."""
     libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2()
+    return libc.mallinfo2() if libc is not None and hasattr(libc, "mallinfo2") else None
+
+
+def retention_requested() -> bool:
+    """Whether retain_freed_memory() acts in this process: the C library is glibc and
+    FADE_RETAIN_FREED_MEMORY is not "0"."""
+    return _glibc() is not None and os.environ.get("FADE_RETAIN_FREED_MEMORY", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -76,7 +82,7 @@ def retain_freed_memory():
     Nested uses are counted: only the outermost exit restores the defaults and trims the heap."""
     global _depth
     libc = _glibc()
-    enabled = libc is not None and os.environ.get("FADE_RETAIN_FREED_MEMORY", "1") != "0"
+    enabled = retention_requested()
     if enabled:
         with _lock:
             if _depth == 0:

@@ -27,13 +27,19 @@ _MADV_DONTNEED = 4
 _libc = None
 
 
-def _madvise():
+def c_library() -> ctypes.CDLL:
+    """This process's C library, loaded once (errno kept for error messages). Raises OSError
+    when there is none to load."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise.restype = ctypes.c_int
-    return _libc.madvise
+    return _libc
+
+
+def _madvise():
+    madvise = c_library().madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
 
 
 def file_mappings() -> list[tuple[int, int, str]]:

@@ -51,7 +51,8 @@ from fade_kernels.config import QuantConfig
 from fade_kernels.models.adapters import ENCODER_FRAMES, OWN_TOKENS, ModelAdapter, get_adapter
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
 from fade_kernels.solver.fade import (GramStats, choose_alpha, cross_fitted_coefficients, grid_noise_curve,
-                                     output_error_vs_full_precision, residual_coefficients)
+                                     output_error_vs_full_precision, relative_output_error,
+                                     residual_coefficients)
 from fade_kernels.solver.gptq import GPTQFactor, gptq_quantize, prepare_gptq_factor
 from fade_kernels.solver.qep import corrected_weight, qep_correction
 from fade_kernels.solver.grid import expand_groups
@@ -294,23 +295,6 @@ def _dequantized(codes, scales, zeros, width: int) -> torch.Tensor:
     return (codes.float() - expand_groups(zeros.float(), group)) * expand_groups(scales, group)
 
 
-def relative_output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor,
-                          rows: torch.Tensor | None = None) -> float:
-    """sqrt(tr(dW H dW^T) / tr(W H W^T)), dW = W - W_hat: the layer's relative output error.
-
-    weight, weight_hat: float32 (N, K); hessian: float32 (K, K), X^T X / R over the calibration rows.
-    rows: optional float32 (R, K), those rows X themselves: the error is then ||X dW^T|| / ||X W^T||
-    (2 R K N flops instead of 4 K^2 N, fewer when R < K; equal up to rounding)."""
-    if rows is not None:
-        num = (rows @ (weight.float() - weight_hat).t()).square().sum(dtype=torch.float64)
-        den = (rows @ weight.float().t()).square().sum(dtype=torch.float64)
-        return float((num / den.clamp(min=1e-30)).sqrt())
-    delta = weight.float() - weight_hat
-    num = torch.einsum("nk,kl,nl->", delta, hessian, delta)
-    den = torch.einsum("nk,kl,nl->", weight.float(), hessian, weight.float())
-    return float((num / den.clamp(min=1e-30)).clamp(min=0).sqrt())
-
-
 class StageTimer:
     """Exclusive wall seconds per pipeline stage, accumulated over a run (report.stage_seconds).
 
@@ -506,9 +490,13 @@ class _QuantizedOutputMemo:
         self.deferred[(container, self.batch)] = (output, position, self.stub, linear_input, size)
         self.stored_bytes += size
 
+    def _pop_deferred(self, key) -> tuple:
+        entry = self.deferred.pop(key)
+        self.stored_bytes -= entry[4]
+        return entry
+
     def _resolve(self, key):
-        output, position, linear, linear_input, size = self.deferred.pop(key)
-        self.stored_bytes -= size
+        output, position, linear, linear_input, _ = self._pop_deferred(key)
         result = self.modules[linear](linear_input)   # the solved linear, through its own memo
         if position is None:
             return result
@@ -524,7 +512,7 @@ class _QuantizedOutputMemo:
         for key in [key for key in self.outputs if key[0] in stale]:
             self._drop(key)
         for key in [key for key in self.deferred if key[0] in stale]:
-            self.stored_bytes -= self.deferred.pop(key)[4]
+            self._pop_deferred(key)
 
     def close(self) -> None:
         for module in self.modules.values():

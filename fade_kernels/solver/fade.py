@@ -151,6 +151,23 @@ def choose_alpha(cross_fitted: torch.Tensor, in_sample: torch.Tensor, noise: tor
                        objective=[float(v) for v in objective])
 
 
+def relative_output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor,
+                          rows: torch.Tensor | None = None) -> float:
+    """sqrt(tr(dW H dW^T) / tr(W H W^T)), dW = W - W_hat: the layer's relative output error.
+
+    weight, weight_hat: float32 (N, K); hessian: float32 (K, K), X^T X / R over the calibration rows.
+    rows: optional float32 (R, K), those rows X themselves: the error is then ||X dW^T|| / ||X W^T||
+    (2 R K N flops instead of 4 K^2 N, fewer when R < K; equal up to rounding)."""
+    if rows is not None:
+        num = _squared_norm(rows @ (weight.float() - weight_hat).t())
+        den = max(_squared_norm(rows @ weight.float().t()), 1e-30)
+        return (num / den) ** 0.5
+    delta = weight.float() - weight_hat
+    num = torch.einsum("nk,kl,nl->", delta, hessian, delta)
+    den = torch.einsum("nk,kl,nl->", weight.float(), hessian, weight.float())
+    return float((num / den.clamp(min=1e-30)).clamp(min=0).sqrt())
+
+
 def output_error_vs_full_precision(weight: torch.Tensor, weight_hat: torch.Tensor, stats: GramStats,
                                    rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
     """(||W X - W_hat X-hat|| / ||W X||, ||W delta|| / ||W X||) from Gram matrices alone.

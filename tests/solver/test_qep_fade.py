@@ -7,7 +7,7 @@ from fade_kernels.calib.capture import GramAccumulator
 from fade_kernels.config import QuantConfig
 from fade_kernels.solver.fade import (ALPHA_GRID, GramStats, choose_alpha, cross_fitted_coefficients,
                                       evaluate_quadratic, grid_noise_curve, output_error_vs_full_precision,
-                                      residual_coefficients)
+                                      relative_output_error, residual_coefficients)
 from fade_kernels.solver.grid import compute_grid
 from fade_kernels.solver.qep import corrected_weight, qep_correction, ridge
 
@@ -224,8 +224,6 @@ def test_accumulator_keeps_its_rows_only_while_they_are_at_most_the_width():
 def test_output_errors_from_rows_equal_the_gram_formulas_in_float64(tokens):
     """The row path (used when R <= K) and the Gram path give the same errors, checked against
     explicit float64 outputs."""
-    from fade_kernels.api import relative_output_error
-
     generator = torch.Generator().manual_seed(tokens)
     x_hat, x = chains(tokens, 64, generator)
     weight = torch.randn(48, 64, generator=generator)

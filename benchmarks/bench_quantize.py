@@ -131,9 +131,8 @@ def synthetic_manifest(folder: Path, n: int, seed: int) -> Path:
 def run_job(args) -> dict:
     import torch
 
-    from fade_kernels import api
-    from fade_kernels.api import quantize_model
-    from fade_kernels.calib.heap import retention_requested
+    from fade_kernels.api import MEMO_BUDGET_BYTES, quantize_model
+    from fade_kernels.memory.heap import retention_requested
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
@@ -142,8 +141,6 @@ def run_job(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memo_budget is not None:
-        api.MEMO_BUDGET_BYTES = args.memo_budget
     start = time.perf_counter()
     model, processor = load_model_and_processor(args.job_model_dir)
     load_seconds = time.perf_counter() - start
@@ -159,7 +156,8 @@ def run_job(args) -> dict:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         load0 = os.getloadavg()[0]
         report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=False,
-                                max_memory=args.max_memory, checkpoint_dir=checkpoint_dir)
+                                max_memory=args.max_memory, checkpoint_dir=checkpoint_dir,
+                                memo_budget=args.memo_budget)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     fp32_bytes = n_params * 4
     per_call = peak.increase_mb is not None
@@ -179,8 +177,8 @@ def run_job(args) -> dict:
         "target_bytes": fp32_bytes + TARGET_EXTRA_BYTES,
         "within_target": None if peak_bytes is None else peak_bytes <= fp32_bytes + TARGET_EXTRA_BYTES,
         "offloaded_mb": report.offloaded_mb, "released_mb": report.released_mb, "max_memory": args.max_memory,
-        "memo_budget_bytes": api.MEMO_BUDGET_BYTES,
-        # calib/heap.py: freed buffers kept in the process during quantization
+        "memo_budget_bytes": MEMO_BUDGET_BYTES if args.memo_budget is None else args.memo_budget,
+        # memory/heap.py: freed buffers kept in the process during quantization
         "retain_freed_memory": retention_requested(),
         "mean_rel_output_error": sum(l.rel_output_error for l in report.layers) / max(len(report.layers), 1),
         "n_layers": len(report.layers), "torch_threads": torch.get_num_threads(),
@@ -269,7 +267,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-memory", help="quantize_model's activation-cache budget, e.g. 2GB (default none)")
     parser.add_argument("--memo-budget", type=int,
-                        help="bytes for replaying solved layers' outputs (fade_kernels.api.MEMO_BUDGET_BYTES; "
+                        help="bytes for replaying solved layers' outputs (quantize_model's memo_budget, default "
+                             "fade_kernels.api.MEMO_BUDGET_BYTES; "
                              "0 turns the replay off)")
     parser.add_argument("--with-resume", action="store_true", help="also write resume state after each block")
     parser.add_argument("--threads", type=int, help="torch threads (default torch's)")

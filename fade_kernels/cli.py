@@ -43,7 +43,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from fade_kernels.api import quantize_model
-    from fade_kernels.calib.cache import parse_size
+    from fade_kernels.memory.cache import parse_size
     from fade_kernels.calib.resume import ResumeFolderBusyError, remove_resume_folder
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig

@@ -5,14 +5,56 @@ from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
-# Base solvers and their error-propagating variants (background §4-§6):
+FADE_RULES = ("both", "reliability", "vulnerability")
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method name means to the pipeline, decoded once (docs/methods.md).
+
+    propagation: None (quantize W against the quantized chain's inputs), "qep" (one global alpha:
+      W*(alpha) = W + alpha W G (H + lq I)^-1) or "fade" (a per-layer alpha from FADE's
+      diagnostics). Both need the full-precision chain; "fade" also keeps statistics per
+      cross-fitting half.
+    solver: the base solver that turns the (possibly corrected) weight into codes: "rtn" or "gptq".
+    input_scale: AWQ's activation-aware input-channel scales are searched before the solver, and
+      the post-step folds 1/s into whatever produces the group's input (a LayerNorm or v_proj).
+    """
+
+    name: str
+    propagation: str | None
+    solver: str
+    input_scale: bool = False
+
+    @property
+    def propagates(self) -> bool:
+        """True when the method needs the full-precision chain (QEP and FADE)."""
+        return self.propagation is not None
+
+    @property
+    def cross_fitting_halves(self) -> int:
+        """Statistics kept per calibration half: 2 for FADE's cross-fitting, else 1."""
+        return 2 if self.propagation == "fade" else 1
+
+
+# Base solvers and their error-propagating variants (docs/methods.md):
 #   rtn, gptq        quantize W on the quantized chain's inputs
 #   awq, awq-gptq    activation-aware input-channel scales, then RTN / GPTQ
 #   qep, qep-rtn, qep-awq   W*(alpha) = W + alpha W G (H + lq I)^-1 with one global alpha, then GPTQ / RTN / AWQ
-#   fade, fade-rtn   like qep / qep-rtn with a per-layer alpha chosen from diagnostics (§6)
-SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
-PROPAGATING_METHODS = ("qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
-FADE_RULES = ("both", "reliability", "vulnerability")
+#   fade, fade-rtn   like qep / qep-rtn with a per-layer alpha chosen from diagnostics
+METHODS = {method.name: method for method in (
+    Method("rtn", None, "rtn"),
+    Method("gptq", None, "gptq"),
+    Method("awq", None, "rtn", input_scale=True),
+    Method("awq-gptq", None, "gptq", input_scale=True),
+    Method("qep", "qep", "gptq"),
+    Method("qep-rtn", "qep", "rtn"),
+    Method("qep-awq", "qep", "rtn", input_scale=True),
+    Method("fade", "fade", "gptq"),
+    Method("fade-rtn", "fade", "rtn"),
+)}
+SUPPORTED_METHODS = tuple(METHODS)
+PROPAGATING_METHODS = tuple(name for name, method in METHODS.items() if method.propagates)
 
 
 @dataclass(frozen=True)
@@ -48,15 +90,14 @@ class QuantConfig:
     awq_grid: int = 20
 
     @property
-    def propagates(self) -> bool:
-        """True when the method runs the full-precision chain (QEP and FADE)."""
-        return self.method in PROPAGATING_METHODS
+    def spec(self) -> Method:
+        """The decoded method (propagation, base solver, AWQ scales): METHODS[self.method]."""
+        return METHODS[self.method]
 
     @property
-    def base_solver(self) -> str:
-        """The solver that finally quantizes the (possibly corrected) weight: rtn, gptq or awq(-gptq)."""
-        return {"qep": "gptq", "qep-rtn": "rtn", "qep-awq": "awq", "fade": "gptq", "fade-rtn": "rtn"}.get(
-            self.method, self.method)
+    def propagates(self) -> bool:
+        """True when the method runs the full-precision chain (QEP and FADE)."""
+        return self.spec.propagates
 
     def __post_init__(self) -> None:
         validate_grid_args(self.bits, self.group_size)

@@ -341,7 +341,7 @@ def _acts_name(stack: str, index: int) -> str:
 
 
 def _chain_dict(q: list, fp: list | None) -> dict[str, torch.Tensor]:
-    from fade_kernels.calib.cache import load
+    from fade_kernels.memory.cache import load
 
     out = {f"q.{b}": load(t) for b, t in enumerate(q)}
     if fp is not None:

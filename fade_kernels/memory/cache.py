@@ -34,22 +34,24 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(value: int | float | str | None) -> int | None:
-    """Bytes from 4000000, "4GB", "512MiB", "1.5g" (decimal units; KiB/MiB/GiB binary). None stays None."""
+def parse_size(value: int | float | str | None, name: str = "max_memory") -> int | None:
+    """Bytes from 4000000, "4GB", "512MiB", "1.5g" (decimal units; KiB/MiB/GiB binary). None stays None.
+
+    name: the argument named in the error message."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"max_memory must be a byte count or a size such as '4GB', got {value!r}")
+        raise ValueError(f"{name} must be a byte count or a size such as '4GB', got {value!r}")
     if isinstance(value, (int, float)):
         number = float(value)
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
-            raise ValueError(f"max_memory must be a byte count or a size such as '4GB' or '512MiB', got {value!r}")
+            raise ValueError(f"{name} must be a byte count or a size such as '4GB' or '512MiB', got {value!r}")
         number = float(match.group(1)) * _UNITS[unit]
     if number < 0:
-        raise ValueError(f"max_memory must be non-negative, got {value!r}")
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
     return int(number)
 
 

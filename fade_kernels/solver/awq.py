@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
-from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
+from fade_kernels.solver.gptq import gptq_quantize
+from fade_kernels.solver.grid import compute_grid, dequantize_codes, dequantize_grouped, quantize_to_codes
 
 # Channels whose mean |x| is below this fraction of the largest one are treated as if they had
 # it: a dead channel (a_k = 0) would otherwise get s_k = 0 and a division by zero, and a nearly
@@ -237,13 +238,41 @@ def awq_quantize(weight: torch.Tensor, hessian: torch.Tensor, act_mean_abs: torc
         scales = scales.reshape(n_rows, n_cols // g)
         zeros = zeros.reshape(n_rows, n_cols // g).to(torch.int32)
     else:
-        from fade_kernels.solver.gptq import gptq_quantize
-
         out = gptq_quantize(W * s, H / torch.outer(s, s), bits=bits, group_size=group_size, sym=sym, **gptq_kwargs)
         codes, scales, zeros = out.codes, out.scales, out.zeros
-        w_q = dequantize_codes(codes, scales.repeat_interleave(g, 1), zeros.repeat_interleave(g, 1).float())
+        w_q = dequantize_grouped(codes, scales, zeros)
     loss_final = float(gram_loss(W - w_q / s, H))
     return codes, scales, zeros, s, result._replace(loss_final=loss_final)
+
+
+def _rescale(param: torch.Tensor, input_scale: torch.Tensor, divide: bool) -> None:
+    """param /= s (divide) or param *= s, in place, computed in at least float32 whatever the
+    parameter's dtype (a float16 model would otherwise round twice), then rounded back once."""
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    s = input_scale.detach().to(device=param.device, dtype=dtype)
+    value = param.to(dtype) / s if divide else param.to(dtype) * s
+    param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
+def divide_norm_by_input_scale(norm: nn.Module, input_scale: torch.Tensor) -> None:
+    """norm.weight = w / s and norm.bias = b / s (in place): the norm's output becomes LN(x) / s.
+
+    norm: a LayerNorm (or RMSNorm) with an affine weight (K,) and optional bias (K,).
+    input_scale: float (K,), finite and > 0.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise ValueError("norm must have a 1-D affine weight (elementwise_affine=True) to fold a scale into")
+    k = weight.shape[0]
+    if tuple(input_scale.shape) != (k,):
+        raise ValueError(f"input_scale must have shape ({k},) to match the norm's width, got {tuple(input_scale.shape)}")
+    if not bool(torch.isfinite(input_scale).all()) or bool((input_scale <= 0).any()):
+        raise ValueError("input_scale must be finite and > 0")
+    _rescale(weight, input_scale, divide=True)
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        _rescale(bias, input_scale, divide=True)
 
 
 @torch.no_grad()
@@ -262,26 +291,11 @@ def fold_input_scale_into_layernorm(norm: nn.Module, linears: list[nn.Linear], i
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         raise ValueError("norm must have a 1-D affine weight (elementwise_affine=True) to fold a scale into")
     k = weight.shape[0]
-    if tuple(input_scale.shape) != (k,):
-        raise ValueError(f"input_scale must have shape ({k},) to match the norm's width, got {tuple(input_scale.shape)}")
-    if not bool(torch.isfinite(input_scale).all()) or bool((input_scale <= 0).any()):
-        raise ValueError("input_scale must be finite and > 0")
     if not linears:
         raise ValueError("linears must name at least one layer reading the norm")
     for i, linear in enumerate(linears):
         if linear.weight.dim() != 2 or linear.weight.shape[1] != k:
             raise ValueError(f"linears[{i}] has in_features={linear.weight.shape[-1]}, the norm's width is {k}")
-    # Arithmetic in at least float32 whatever the parameters' dtype (a float16 model would
-    # otherwise round twice), then one rounding back to the parameter's dtype.
-    def rescale(param: torch.Tensor, divide: bool) -> None:
-        dtype = torch.promote_types(param.dtype, torch.float32)
-        s = input_scale.detach().to(device=param.device, dtype=dtype)
-        value = param.to(dtype) / s if divide else param.to(dtype) * s
-        param.copy_(value.to(param.dtype))
-
-    rescale(weight, divide=True)
-    bias = getattr(norm, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        rescale(bias, divide=True)
+    divide_norm_by_input_scale(norm, input_scale)
     for linear in linears:
-        rescale(linear.weight, divide=False)
+        _rescale(linear.weight, input_scale, divide=False)

@@ -1,4 +1,4 @@
-"""FADE: a per-layer propagation strength alpha from two diagnostics (background §6).
+"""FADE: a per-layer propagation strength alpha from two diagnostics (docs/methods.md §5).
 
 Everything here works on Gram matrices of one input group (fp32 running means over valid rows):
 H-hat = X-hat X-hat^T / T, G = delta X-hat^T / T, D = delta delta^T / T, with delta = X - X-hat,
@@ -30,21 +30,9 @@ import torch
 from fade_kernels.config import resolve_group_size
 from fade_kernels.solver.grid import compute_grid
 from fade_kernels.solver.qep import qep_correction
+from fade_kernels.solver.stats import GramStats
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
-
-
-@dataclass
-class GramStats:
-    """Gram matrices of one input group, float32 (K, K) each, means over `rows` valid rows.
-
-    cross (G) and error (D) are None when the full-precision chain was not run.
-    """
-
-    hessian: torch.Tensor
-    cross: torch.Tensor | None
-    error: torch.Tensor | None
-    rows: int
 
 
 def _row_trace(left: torch.Tensor, gram: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

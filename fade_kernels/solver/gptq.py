@@ -1,4 +1,4 @@
-"""GPTQ (arXiv 2210.17323) as a pure function on tensors, following background §4.
+"""GPTQ (arXiv 2210.17323) as a pure function on tensors, following docs/methods.md §3.
 
 Minimise ||W X - W_hat X||^2 one column at a time with H = X X^T / T:
   1. dead inputs (diag H == 0): zero the weight column, set diag H to 1;
@@ -34,6 +34,7 @@ import torch
 from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
+from fade_kernels.timing import stage
 
 __all__ = ["GPTQResult", "GPTQFactor", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared",
            "gptq_sweep", "prepare_gptq_factor", "cpp_sweep_available", "damped_hessian", "inverse_cholesky_upper",
@@ -89,7 +90,7 @@ class SweepResult(NamedTuple):
 
 def _sweep_block_torch(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
                        sym: bool, column_group: list[int] | None) -> torch.Tensor:
-    """The reference in-block loop over sweep columns [i1, i2) (background §4, step 4).
+    """The reference in-block loop over sweep columns [i1, i2) (docs/methods.md §3, step 4).
 
     W float32 (N, K) in sweep order, read only here; U float32 (K, K). Writes out.codes[:, i1:i2],
     out.loss, and (without column_group) the grid of every group entered in the block.
@@ -229,7 +230,9 @@ def prepare_gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bo
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         H = H[perm][:, perm]
-    return GPTQFactor(dead, perm, inverse_cholesky_upper(H, damp, method=factor), damp, act_order, factor)
+    with stage("factorisation"):
+        upper = inverse_cholesky_upper(H, damp, method=factor)
+    return GPTQFactor(dead, perm, upper, damp, act_order, factor)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int = 4, group_size: int = 128,
@@ -295,7 +298,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
         W = W[:, perm]
         static_grids = StaticGrids(scales, zeros, perm // g)
 
-    swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep)
+    with stage("sweep"):
+        swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep)
     codes = swept.codes
     if perm is not None:
         codes = torch.empty_like(swept.codes)

@@ -1,4 +1,4 @@
-"""The quantization grid (background §3): per output row and per group of input columns.
+"""The quantization grid (docs/methods.md §2): per output row and per group of input columns.
 
 Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) clamped to [0, 2^b - 1].
 Symmetric:  z = 2^(b-1),                s = max|w| / (2^(b-1) - 1).
@@ -77,3 +77,12 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def expand_groups(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, G) -> (N, G * group_size): repeat each group's value over its columns."""
     return per_group.repeat_interleave(group_size, dim=1)
+
+
+def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The weight a grouped grid represents: W_hat[:, j] = (codes[:, j] - zeros[:, j // g]) * scales[:, j // g].
+
+    codes: integer (N, K); scales: float32 (N, G); zeros: integer or integer-valued float (N, G);
+    g = K / G. Returns float32 (N, K)."""
+    group = codes.shape[1] // scales.shape[1]
+    return dequantize_codes(codes, expand_groups(scales, group), expand_groups(zeros.float(), group))

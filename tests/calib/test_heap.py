@@ -3,7 +3,7 @@ mappings outside it, and the defaults come back on exit."""
 import pytest
 import torch
 
-from fade_kernels.calib.heap import mallinfo2, retain_freed_memory
+from fade_kernels.memory.heap import mallinfo2, retain_freed_memory
 
 pytestmark = pytest.mark.skipif(mallinfo2() is None, reason="needs glibc >= 2.33 (mallinfo2)")
 

@@ -7,7 +7,7 @@ import torch
 
 from fade_kernels import QuantConfig, quantize_model
 from fade_kernels.api import StageTimer
-from fade_kernels.calib.cache import ActivationCache, load, materialize, parse_size
+from fade_kernels.memory.cache import ActivationCache, load, materialize, parse_size
 
 from test_resume import _one_thread, assert_identical, quantized_tensors, short_samples, short_whisper  # noqa: F401
 
@@ -99,17 +99,51 @@ def test_offload_folder_defaults_into_the_resume_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "resume").exists()
 
 
-def test_stage_timer_is_exclusive_and_restores_the_solver():
-    from fade_kernels.solver import gptq as gptq_module
+def test_stage_timer_times_the_solver_through_the_current_timer_only():
+    from fade_kernels.solver.gptq import gptq_quantize
+    from fade_kernels.timing import timing
 
-    timer = StageTimer()
-    original = gptq_module.gptq_sweep
-    with timer.gptq_hooks():
-        assert gptq_module.gptq_sweep is not original
+    timer, idle = StageTimer(), StageTimer()
+    with timing(timer):
         with timer("solve"):
-            gptq_module.gptq_quantize(torch.randn(8, 64), torch.eye(64), bits=4, group_size=32)
-    assert gptq_module.gptq_sweep is original
+            gptq_quantize(torch.randn(8, 64), torch.eye(64), bits=4, group_size=32)
     assert timer.seconds["sweep"] > 0 and timer.seconds["factorisation"] > 0 and timer.seconds["solve"] >= 0
+    gptq_quantize(torch.randn(8, 64), torch.eye(64), bits=4, group_size=32)   # no current timer: not timed
+    assert sum(idle.seconds.values()) == 0
+
+
+def test_stage_timers_of_two_threads_stay_apart():
+    """Each thread times into the timer it made current; the other thread's stages never leak in."""
+    import threading
+
+    from fade_kernels.solver.gptq import gptq_quantize
+    from fade_kernels.timing import timing
+
+    timers = [StageTimer(), StageTimer()]
+    errors = []
+
+    def work(index):
+        try:
+            with timing(timers[index]):
+                for _ in range(3):
+                    gptq_quantize(torch.randn(8, 64), torch.eye(64), bits=4, group_size=32)
+        except Exception as error:   # reported below: an assertion in a thread would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    with timers[0]("solve"):
+        for thread in threads:
+            thread.join()
+    assert not errors
+    for timer in timers:
+        assert timer.seconds["sweep"] > 0 and timer.seconds["factorisation"] > 0
+    # The main thread's open "solve" stage of timers[0] was not charged the threads' nested stages.
+    assert timers[0].seconds["solve"] > 0
+    with pytest.raises(ValueError, match="stage must be one of"):
+        with timers[0]("lunch"):
+            pass
 
 
 def test_report_has_seconds_per_stage():
@@ -133,12 +167,12 @@ def file_ranges(path) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path, monkeypatch):
+def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path):
     """from_pretrained memory-maps a float32 safetensors file; the pipeline must not copy the
     weights of blocks it has not reached (only the current block is written and packed)."""
     from transformers import WhisperForConditionalGeneration
 
-    from fade_kernels.api import _StackQuantizer
+    from fade_kernels.api import PipelineObserver
 
     short_whisper().save_pretrained(tmp_path)
     model = WhisperForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -151,16 +185,13 @@ def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path, monkeypatch):
              model.model.decoder.layers[1].encoder_attn.k_proj.weight]
     assert all(mapped(w) for w in later), "transformers no longer memory-maps float32 safetensors"
     seen = []
-    original = _StackQuantizer._pack_block
 
-    def checking(self, block, block_name):
-        names = original(self, block, block_name)
-        seen.append([mapped(w) for w in later])
-        return names
+    class Checking(PipelineObserver):
+        def block_packed(self, block_name, block):
+            seen.append([mapped(w) for w in later])
 
-    monkeypatch.setattr(_StackQuantizer, "_pack_block", checking)
     quantize_model(model, short_samples(n=2), QuantConfig(method="qep", bits=4, group_size=32), batch_size=2,
-                   progress=False)
+                   progress=False, observer=Checking())
     # After encoder block 0 all three are untouched; each turns into a QuantLinear once its block is done.
     assert seen[0] == [True, True, True] and seen[1][1:] == [True, True] and seen[2][2] is True
 
@@ -174,7 +205,7 @@ def resident_kib() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux only")
 def test_release_file_pages_hands_back_mapped_pages_and_leaves_the_heap_alone(tmp_path):
-    from fade_kernels.calib.mapped import release_file_pages
+    from fade_kernels.memory.mapped import release_file_pages
 
     n = 4 << 20                                  # 16 MiB of float32
     expected = torch.arange(n, dtype=torch.float32)
@@ -214,41 +245,31 @@ def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp
 
 
 @pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "awq"), ("moonshine", "fade")])
-def test_replaying_quantized_linear_outputs_changes_nothing(family, method, tiny_whisper, tiny_moonshine,
-                                                            monkeypatch):
+def test_replaying_quantized_linear_outputs_changes_nothing(family, method, tiny_whisper, tiny_moonshine):
     """Later passes over a block reuse the outputs of its already-solved linears; the result must
     equal recomputing them (budget 0), including AWQ, which rescales a solved v_proj afterwards."""
-    from fade_kernels import api
+    from fade_kernels.api import MEMO_BUDGET_BYTES, PipelineObserver
 
     from test_pipeline import moonshine_samples, whisper_samples
 
     model = tiny_whisper if family == "whisper" else tiny_moonshine
     samples = whisper_samples() if family == "whisper" else moonshine_samples()
     config = QuantConfig(method=method, bits=3, group_size=32)
-    replayed, names = [], set()
-    original_close = api._QuantizedOutputMemo.close
+    replayed, names, resolved = [], set(), []
 
-    def counting_close(self):
-        replayed.append(len(self.outputs))
-        names.update(name for name, _ in self.outputs)
-        original_close(self)
+    class Counting(PipelineObserver):
+        def memo_closed(self, block_name, memo):
+            replayed.append(len(memo.outputs))
+            names.update(memo.replayed_names())
+            resolved.extend(memo.resolved)
 
-    resolved = []
-    original_resolve = api._QuantizedOutputMemo._resolve
-
-    def counting_resolve(self, key):
-        resolved.append(key[0])
-        return original_resolve(self, key)
-
-    monkeypatch.setattr(api._QuantizedOutputMemo, "close", counting_close)
-    monkeypatch.setattr(api._QuantizedOutputMemo, "_resolve", counting_resolve)
     results = []
-    for budget in (api.MEMO_BUDGET_BYTES, 0):
-        monkeypatch.setattr(api, "MEMO_BUDGET_BYTES", budget)
+    for budget in (MEMO_BUDGET_BYTES, 0):
         replayed.clear()
         resolved.clear()
         quantized = copy.deepcopy(model)
-        quantize_model(quantized, samples, config, batch_size=4, progress=False)
+        quantize_model(quantized, samples, config, batch_size=4, progress=False, memo_budget=budget,
+                       observer=Counting())
         assert (min(replayed) > 0) if budget else (max(replayed) == 0 and not resolved)
         if budget:
             # Whole attention modules are replayed once their four linears are solved, and the

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fade_kernels import QuantConfig, QuantLinear, quantize_model
-from fade_kernels.calib.capture import HessianAccumulator
+from fade_kernels.calib.statistics import GramAccumulator, valid_rows
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.models.adapters import get_adapter
 
@@ -38,14 +38,17 @@ def relative_logits_error(model, reference, adapter, samples) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
-def test_hessian_accumulator_drops_masked_rows():
+def test_statistics_drop_masked_rows():
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    acc = HessianAccumulator(8)
-    acc.add(x, mask)
-    rows = x[mask]
-    assert acc.rows == 6
-    torch.testing.assert_close(acc.hessian, rows.t() @ rows / 6)
+    rows = valid_rows(x, mask)
+    assert torch.equal(rows, torch.cat([x[0, :2], x[1, :4]]))
+    acc = GramAccumulator(8)
+    acc.add(rows, None, None, total_rows=mask.numel())
+    stats = acc.stats()
+    assert stats.rows == 6 and acc.valid_fraction == 0.6
+    expected = rows.double().t() @ rows.double() / 6
+    torch.testing.assert_close(stats.hessian.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["whisper", "moonshine"])

@@ -5,24 +5,24 @@ import pytest
 import torch
 
 from fade_kernels import QuantConfig, quantize_model
-from fade_kernels.api import _StackQuantizer
+from fade_kernels.api import PipelineObserver
 from fade_kernels.models.adapters import get_adapter
 
 from test_pipeline import moonshine_samples, relative_logits_error, whisper_samples
 
 
-def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper, monkeypatch):
-    accumulators = []
-    original = _StackQuantizer._collect_stats
+def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper):
+    class Recording(PipelineObserver):
+        def __init__(self):
+            self.accumulators = []
 
-    def recording(self, *args, **kwargs):
-        accumulator, reads_encoder_output = original(self, *args, **kwargs)
-        accumulators.append(accumulator)
-        return accumulator, reads_encoder_output
+        def statistics_collected(self, block_name, group_names, accumulator):
+            self.accumulators.append(accumulator)
 
-    monkeypatch.setattr(_StackQuantizer, "_collect_stats", recording)
+    observer = Recording()
     quantize_model(tiny_whisper, whisper_samples(), QuantConfig(method="qep", bits=3, group_size=32),
-                   batch_size=4, progress=False)
+                   batch_size=4, progress=False, observer=observer)
+    accumulators = observer.accumulators
     first = accumulators[0].stats()   # encoder block 0, q/k/v: nothing quantized upstream yet
     assert torch.count_nonzero(first.cross) == 0 and torch.count_nonzero(first.error) == 0
     # From the second group on, the quantized q/k/v make the chains differ.
@@ -77,28 +77,24 @@ def test_fade_needs_two_utterances(tiny_whisper):
 
 @pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "fade"), ("moonshine", "qep")])
 def test_cross_attention_kv_statistics_are_computed_once_and_change_nothing(family, method, tiny_whisper,
-                                                                          tiny_moonshine, monkeypatch):
+                                                                          tiny_moonshine):
     """Every decoder block's cross k/v read the same encoder output: the first decoder block's
     statistics serve all of them, and the codes equal a run that recomputes them per block."""
     model = tiny_whisper if family == "whisper" else tiny_moonshine
     samples = whisper_samples() if family == "whisper" else moonshine_samples()
     config = QuantConfig(method=method, bits=3, group_size=32)
-    original = _StackQuantizer._collect_stats
     collected = []
 
-    def recording(share):
-        def collect_stats(self, block, group, *args):
-            collected.append(group.names)
-            accumulator, reads_encoder_output = original(self, block, group, *args)
-            return accumulator, reads_encoder_output and share   # share=False: recompute in every block
-        return collect_stats
+    class Recording(PipelineObserver):
+        def statistics_collected(self, block_name, group_names, accumulator):
+            collected.append(group_names)
 
     states = []
     for share in (True, False):
-        monkeypatch.setattr(_StackQuantizer, "_collect_stats", recording(share))
         collected.clear()
         quantized = copy.deepcopy(model)
-        quantize_model(quantized, samples, config, batch_size=4, progress=False)
+        quantize_model(quantized, samples, config, batch_size=4, progress=False, observer=Recording(),
+                       share_encoder_statistics=share)
         n_decoder = len(get_adapter(quantized).decoder_layers(quantized))
         cross_kv = [names for names in collected if names == ("encoder_attn.k_proj", "encoder_attn.v_proj")]
         assert n_decoder > 1 and len(cross_kv) == (1 if share else n_decoder)

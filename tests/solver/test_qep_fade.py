@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fade_kernels.api import solve_linear_group
-from fade_kernels.calib.capture import GramAccumulator
+from fade_kernels.calib.statistics import GramAccumulator
 from fade_kernels.config import QuantConfig
 from fade_kernels.solver.fade import (ALPHA_GRID, GramStats, choose_alpha, cross_fitted_coefficients,
                                       evaluate_quadratic, grid_noise_curve, output_error_vs_full_precision,
@@ -183,7 +183,7 @@ def test_block_symmetric_gram_accumulation_matches_float64(width):
     """Above GRAM_BLOCK columns only the block upper triangle is accumulated and then mirrored:
     H and D must still equal the full float64 products (a width that the block does not divide
     included), halves and repeated stats() calls too."""
-    from fade_kernels.calib.capture import GRAM_BLOCK
+    from fade_kernels.calib.statistics import GRAM_BLOCK
 
     assert width > GRAM_BLOCK
     generator = torch.Generator().manual_seed(width)

@@ -1,0 +1,129 @@
+"""Bit-identity check between two versions of the quantization code.
+
+`save` quantizes one model with every method at 3 and 4 bits (plus a few option variants) on a
+few calibration utterances and writes one checkpoint per run, with its per-layer report, under
+OUT. `compare` reads two such folders and checks every saved tensor with torch.equal and every
+per-layer diagnostic (alpha, rho, vulnerability, errors) for exact equality.
+
+Use it around a refactor that must not change results:
+
+    git stash; python python/compare_checkpoints.py save --calib CALIB.jsonl --out REF; git stash pop
+    python python/compare_checkpoints.py save --calib CALIB.jsonl --out NEW
+    python python/compare_checkpoints.py compare REF NEW
+
+Only public entry points are used, so the script runs against older versions of the package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# (name, QuantConfig keyword arguments). Every method at 3 and 4 bits, and the options that
+# take other code paths (act-order, one group per row, symmetric grid, FADE's ablations).
+RUNS = [(f"{method}-w{bits}", {"method": method, "bits": bits})
+        for method in ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
+        for bits in (3, 4)] + [
+    ("gptq-w4-actorder", {"method": "gptq", "bits": 4, "act_order": True}),
+    ("gptq-w3-row-sym", {"method": "gptq", "bits": 3, "group_size": -1, "sym": True}),
+    ("fade-w3-reliability", {"method": "fade", "bits": 3, "fade_rule": "reliability"}),
+    ("qep-w3-actorder", {"method": "qep", "bits": 3, "act_order": True}),
+]
+
+
+def save(args) -> int:
+    from fade_kernels.api import quantize_model
+    from fade_kernels.calib.samples import prepare_samples
+    from fade_kernels.config import QuantConfig
+    from fade_kernels.data.corpus import load_corpus, select_subset
+    from fade_kernels.io.checkpoint import save_quantized
+    from fade_kernels.models.bundled import load_model_and_processor
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    utterances = select_subset(load_corpus(args.calib), args.n_calib, args.seed)
+    selected = [run for run in RUNS if not args.only or run[0] in args.only]
+    for name, kwargs in selected:
+        if (out / name / "report.json").is_file():
+            print(f"{name}: already saved")
+            continue
+        torch.manual_seed(args.seed)
+        model, processor = load_model_and_processor(args.model)
+        samples = prepare_samples(model, processor, utterances, progress=False)
+        report = quantize_model(model, samples, QuantConfig(**kwargs), batch_size=args.batch_size, progress=False)
+        save_quantized(model, out / name)
+        (out / name / "report.json").write_text(json.dumps(report.to_dict()["layers"], indent=1))
+        print(f"{name}: {len(report.layers)} layers in {report.seconds:.1f} s")
+    return 0
+
+
+def compare(args) -> int:
+    reference, candidate = Path(args.reference), Path(args.candidate)
+    names = sorted(p.name for p in reference.iterdir() if (p / "report.json").is_file())
+    if not names:
+        print(f"no saved runs in {reference}", file=sys.stderr)
+        return 2
+    failures = 0
+    for name in names:
+        problems = []
+        if not (candidate / name / "report.json").is_file():
+            problems.append("missing in candidate")
+        else:
+            ref_files = sorted(p.name for p in (reference / name).glob("*.safetensors"))
+            new_files = sorted(p.name for p in (candidate / name).glob("*.safetensors"))
+            if ref_files != new_files:
+                problems.append(f"weight files differ: {ref_files} vs {new_files}")
+            ref_tensors, new_tensors = {}, {}
+            for file in ref_files:
+                ref_tensors.update(load_file(reference / name / file))
+            for file in new_files:
+                new_tensors.update(load_file(candidate / name / file))
+            if set(ref_tensors) != set(new_tensors):
+                problems.append(f"tensor names differ: {sorted(set(ref_tensors) ^ set(new_tensors))[:5]}")
+            differing = [key for key in ref_tensors if key in new_tensors and not (
+                ref_tensors[key].dtype == new_tensors[key].dtype and torch.equal(ref_tensors[key], new_tensors[key]))]
+            if differing:
+                problems.append(f"{len(differing)} tensors differ, e.g. {differing[:3]}")
+            ref_report = json.loads((reference / name / "report.json").read_text())
+            new_report = json.loads((candidate / name / "report.json").read_text())
+            if ref_report != new_report:
+                problems.append("per-layer report differs")
+            ref_config = json.loads((reference / name / "config.json").read_text())["quantization_config"]
+            new_config = json.loads((candidate / name / "config.json").read_text())["quantization_config"]
+            if ref_config != new_config:
+                problems.append("quantization_config differs")
+        status = "identical" if not problems else "DIFFERENT: " + "; ".join(problems)
+        if not problems:
+            status += f" ({len(ref_tensors)} tensors)"
+        print(f"{name}: {status}")
+        failures += bool(problems)
+    print(f"{len(names) - failures}/{len(names)} runs identical")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("save", help="quantize with every method and save the checkpoints")
+    p.add_argument("--out", required=True, help="folder for the checkpoints (one subfolder per run)")
+    p.add_argument("--calib", required=True, help="calibration manifest (.jsonl) or LibriSpeech-style folder")
+    p.add_argument("--model", default="bundled:tiny.en")
+    p.add_argument("--n-calib", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", help="run names to save (default: all)")
+    p.set_defaults(func=save)
+    p = sub.add_parser("compare", help="check two saved folders tensor by tensor")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.set_defaults(func=compare)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Reference baseline: llm-compressor's GPTQ W4A16 (group 128) recipe on our model and data.
 
-Runs INSIDE the separate benchmark venv (/work/llmc-venv, see benchmarks/README_llmcompressor.md
+Runs INSIDE the separate benchmark venv ($LLMC_VENV, see benchmarks/README_llmcompressor.md
 and benchmarks/run_llmcompressor_baseline.sh); llm-compressor is not a fade-kernels dependency.
 
-What it does, each step in a fresh subprocess (clean llm-compressor session, clean peak-RSS):
+What it does, each step in a fresh subprocess (clean llm-compressor state, clean peak RSS):
 
 * ``fp32``: evaluate the full-precision model on --eval with fade_kernels.eval.decode.evaluate.
 * one job per --pipelines entry (default ``sequential,basic``):
@@ -33,7 +33,7 @@ What it does, each step in a fresh subprocess (clean llm-compressor session, cle
 Writes <out>/result.json (all jobs) and prints a summary. Usage (inside the venv):
 
   python benchmarks/llmcompressor_baseline.py --model ~/.cache/fade-kernels/bundled/tiny.en \
-      --calib /work/devset/calib.jsonl --eval /work/devset/eval.jsonl --out /tmp/llmc-baseline
+      --calib devset/calib.jsonl --eval devset/eval.jsonl --out /tmp/llmc-baseline
 """
 from __future__ import annotations
 
@@ -333,8 +333,8 @@ def worker(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="transformers Whisper checkpoint dir (fp32/fp16)")
-    p.add_argument("--calib", default="/work/devset/calib.jsonl")
-    p.add_argument("--eval", default="/work/devset/eval.jsonl")
+    p.add_argument("--calib", default="devset/calib.jsonl")
+    p.add_argument("--eval", default="devset/eval.jsonl")
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pipelines", default="sequential,basic",

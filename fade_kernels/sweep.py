@@ -1,4 +1,4 @@
-"""Multi-seed sweep: methods x bit widths x calibration seeds on one model (issue 3, item 5).
+"""Multi-seed sweep: methods x bit widths x calibration seeds on one model.
 
 Lifecycle of `run_sweep`:
   1. load the full-precision model once and decode the evaluation set once with it (its WER

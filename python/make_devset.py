@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build a synthetic English ASR dev set: Piper + espeak-ng voices, plus noisy copies.
 
-    python python/make_devset.py --out /work/devset            # full (~440 utterances)
-    python python/make_devset.py --out /tmp/dev --max-sentences 10   # quick
+    python python/make_devset.py --out devset            # full (~440 utterances)
+    python python/make_devset.py --out /tmp/devset-small --max-sentences 10   # quick
 
 Writes 16 kHz mono audio under OUT/audio/<subset>/ and manifests OUT/{all,calib,eval}.jsonl
 (format: fade_kernels.data.corpus.read_manifest). The calibration/evaluation split is BY

@@ -26,7 +26,7 @@ def prepare_samples(model, processor, utterances, adapter: ModelAdapter | None =
 
     utterances: fade_kernels.data.corpus.Utterance items (audio path, optional text). Decoder
     tokens come from the reference transcript; an utterance without text is transcribed by
-    the full-precision `model` (greedy) and its own tokens are used, as background §7 says.
+    the full-precision `model` (greedy) and its own tokens are used, as docs/methods.md §7 says.
     """
     from fade_kernels.data.audio import load_audio
 

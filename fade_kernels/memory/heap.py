@@ -1,20 +1,20 @@
 """Keep freed memory inside the process while the quantization pipeline runs (glibc only).
 
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh anonymous
-mapping and unmaps it on free. The pipeline allocates and frees such buffers constantly
-(a large-v3 encoder activation is 61 MB, its FFN output 245 MB, a 5120-wide Hessian 105 MB), so
-every one of them is faulted in page by page again: on this project's VMs a first touch costs
-about 1 µs per 4 KB page, which made `gelu` on an FFN output 4x slower than on a reused buffer and
-a `tril` of a 5120 x 5120 factor 4x slower than the copy itself.
+mapping and unmaps it on free. The pipeline allocates and frees such buffers constantly (a large-v3
+encoder activation is 61 MB, its FFN output 245 MB, a 5120-wide Hessian 105 MB), so every one of
+them is faulted in page by page again: on the 2-core VMs we measured, a first touch costs about 1 µs
+per 4 KB page, which made `gelu` on an FFN output 4x slower than on a reused buffer and a `tril` of
+a 5120 x 5120 factor 4x slower than the copy itself.
 
 `retain_freed_memory()` sets M_MMAP_MAX = 0 (every allocation comes from the heap, whose freed
-chunks are reused) and a 2 GB M_TRIM_THRESHOLD (the heap's top is not given back) for the
-duration, then restores glibc's defaults and trims the heap. The price is a resident set that
-stays at its high-water mark until the block exits, plus fragmentation. Measured on a
-large-v3-shaped model, 16 utterances, 2 threads (`benchmarks/bench_quantize.py`, with and without
-FADE_RETAIN_FREED_MEMORY=0, same session): 405 s and 5.73 GiB peak RSS with it, 450 s and
-3.49 GiB without. Set FADE_RETAIN_FREED_MEMORY=0 to turn it off (when RAM is tighter than time);
-on other C libraries it does nothing.
+chunks are reused) and a 2 GB M_TRIM_THRESHOLD (the heap's top is not given back) for the duration,
+then restores glibc's defaults and trims the heap. The price is a resident set that stays at its
+high-water mark until the block exits, plus fragmentation. Measured on a large-v3-shaped model, 16
+utterances, 2 threads (`benchmarks/bench_quantize.py` with and without FADE_RETAIN_FREED_MEMORY=0,
+one run after the other; benchmarks/results/quantize-large-v3): 405 s and 5.73 GiB peak RSS with it,
+450 s and 3.49 GiB without. Set FADE_RETAIN_FREED_MEMORY=0 to turn it off (when RAM is tighter than
+time); on other C libraries it does nothing.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 
-from fade_kernels.calib.mapped import c_library
+from fade_kernels.memory.mapped import c_library
 
 log = logging.getLogger(__name__)
 

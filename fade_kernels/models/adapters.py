@@ -1,7 +1,7 @@
 """One adapter per encoder-decoder family, behind one protocol.
 
 An adapter tells the calibration pipeline where the encoder and decoder blocks are, which
-linear layers of a block form the true-sequential groups (background §7), which token mask
+linear layers of a block form the true-sequential groups (docs/methods.md §7), which token mask
 each group's input follows, how to run the stack up to its first block, and how many encoder
 frames of an utterance are real audio rather than padding. Conv stems, embeddings and the
 tied output projection are never listed, so they stay in full precision.

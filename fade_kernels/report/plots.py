@@ -1,9 +1,9 @@
 """PNG plots of quantization reports and sweep results.
 
 Figures are drawn on matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`, no pyplot),
-so plotting never touches a global backend or an interactive session and is safe in workers.
+so plotting never touches a global backend or an interactive window and is safe in workers.
 
-A "report" is a api.QuantizationReport or its to_dict() form (what results.json stores).
+A "report" is a QuantizationReport (fade_kernels.api) or its to_dict() form (what results.json stores).
 Per-layer plots take one report, a list of reports (e.g. one per seed: the mean is drawn with
 the min-max band), or a mapping label -> report or list (one line per label). Layers are in
 pipeline order (the order the report lists them: encoder blocks, then decoder blocks); the

@@ -1,4 +1,4 @@
-"""QEP: quantization error propagation (background §5), as pure functions on Gram matrices.
+"""QEP: quantization error propagation (docs/methods.md §4), as pure functions on Gram matrices.
 
 A layer y = W x sees X-hat on the quantized chain and X on the full-precision chain, with
 delta = X - X-hat. Aiming the quantized layer at the full-precision output,

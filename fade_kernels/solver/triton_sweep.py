@@ -1,4 +1,4 @@
-"""The GPTQ column sweep (background §4, step 4) as one Triton launch per block of columns.
+"""The GPTQ column sweep (docs/methods.md §3, step 4) as one Triton launch per block of columns.
 
 `fade_kernels.solver.gptq` walks a block of B columns in a Python loop: per column, a grid
 (when the sweep enters a group), a rounding, an error and a rank-1 update of the block's

@@ -42,7 +42,7 @@ MEL_FRAMES = 2 * WHISPER["max_source_positions"]  # Whisper's encoder wants exac
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """Encoder/decoder nn.Linear names: not proj_out, convs or embeddings (background §7)."""
+    """Encoder/decoder nn.Linear names: not proj_out, convs or embeddings (docs/methods.md §7)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
 
 

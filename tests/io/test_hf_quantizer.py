@@ -70,7 +70,7 @@ CASES = [("whisper", 3, False), ("whisper", 4, False), ("moonshine", 3, True)]
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # These models are tiny: intra-op threads only add spin-waiting on a shared 2-core machine
-    # (10x slower under load). Restored for the rest of the session.
+    # (10x slower under load). Restored for the rest of the test run.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,6 +1,6 @@
 // Torch-free interface of the fused GPTQ in-block sweep on the CPU (csrc/cpu/gptq_sweep.cpp).
 //
-// One call runs the inner loop of GPTQ (background §4, step 4) over the sweep columns
+// One call runs the inner loop of GPTQ (docs/methods.md §3, step 4) over the sweep columns
 // [i1, i2) of a weight matrix already permuted into sweep order; the lazy trailing update
 // W[:, i2:] -= E @ U[i1:i2, i2:] stays with the caller (one GEMM). It is the float32
 // operations of fade_kernels/solver/gptq.py (_sweep_block_torch) in the same order, so codes,

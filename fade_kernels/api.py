@@ -50,6 +50,7 @@ from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
 from fade_kernels.models.adapters import ENCODER_FRAMES, OWN_TOKENS, ModelAdapter, get_adapter
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
+from fade_kernels.numerics import solving
 from fade_kernels.solver.fade import (GramStats, choose_alpha, cross_fitted_coefficients, grid_noise_curve,
                                      output_error_vs_full_precision, relative_output_error,
                                      residual_coefficients)
@@ -738,7 +739,7 @@ class _StackQuantizer:
         stats = gathered.stats
         excluded = [group.role in self.config.qep_exclude or name in self.config.qep_exclude
                     or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in group.names]
-        with self.timer("solve"):
+        with self.timer("solve"), solving(", ".join(f"{block_name}.{name}" for name in group.names)):
             solutions = solve_linear_group([m.weight for m in modules], stats, self.config, gathered.half_stats,
                                            gathered.act_mean_abs, excluded, self._can_rescale(block, group, width),
                                            gathered.factor_cache)

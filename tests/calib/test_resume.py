@@ -248,7 +248,7 @@ def test_cli_resume_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "silence_samples", lambda model, processor: short_samples(n=2))
     out = tmp_path / "out"
     args = ["quantize", "--model", "m", "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),
-            "--quiet", "--max-memory", "0"]
+            "--quiet", "--max-memory", "0", "--overwrite"]
     assert cli.main(args + ["--keep-resume-state"]) == 0
     first = load_file(str(out / "model.safetensors"))
     assert (tmp_path / "out.partial" / "state.json").is_file()

@@ -68,8 +68,8 @@ def error_line(err: str) -> str:
     """The one line a failed command printed about the failure (asserts it is exactly one, and no
     traceback; progress bars of the libraries underneath may share stderr)."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("fade ")]
-    assert len(lines) == 1 and ": error: " in lines[0], f"expected one error line on stderr, got:\n{err}"
+    lines = [line for line in err.splitlines() if line.startswith("fade ") and ": error: " in line]
+    assert len(lines) == 1, f"expected one error line on stderr, got:\n{err}"
     return lines[0]
 
 

@@ -46,6 +46,16 @@ def tiny_moonshine():
     return MoonshineForConditionalGeneration(tiny_moonshine_config()).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny matrices gain nothing from threads, and on a loaded
+    machine OpenMP workers waiting for a core made such runs up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs per test run, but reproducible from the printed seed on failure.

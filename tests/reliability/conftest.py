@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from faults import quantize_args, save_tiny_model, write_manifest, write_wav
 
@@ -48,9 +47,5 @@ def fade(capsys):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # 64-wide layers gain nothing from threads; on a shared, loaded machine they only wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_use_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

@@ -21,6 +21,9 @@ _STORAGE_ERRORS = {
     errno.EPERM: "operation not permitted",
 }
 
+# How libraries that wrap the OSError word a full disk.
+_DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "os error 28")
+
 
 def error_line(error: BaseException, storage_hint: str = "") -> str | None:
     """The one-line message for an expected failure, or None when `error` is a bug (re-raise it).
@@ -29,9 +32,13 @@ def error_line(error: BaseException, storage_hint: str = "") -> str | None:
     """
     from safetensors import SafetensorError
 
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
-        where = f" while writing {error.filename}" if error.filename else ""
-        message = f"{_STORAGE_ERRORS[error.errno]}{where}: free some space or write elsewhere, then rerun"
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and any(text in str(error) for text in _DISK_FULL_TEXTS):
+        code = errno.ENOSPC   # a library that wrapped the OSError (safetensors' Rust writer, torch)
+    if code in _STORAGE_ERRORS:
+        filename = getattr(error, "filename", None)
+        where = f" while writing {filename}" if filename else ""
+        message = f"{_STORAGE_ERRORS[code]}{where}: free some space or write elsewhere, then rerun"
         return _one_line(message + (f"; {storage_hint}" if storage_hint else ""))
     if isinstance(error, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError)):
         return _one_line(str(error))

@@ -13,6 +13,7 @@ and only names of exactly that form.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -71,8 +72,6 @@ def foreign_entries(path: Path) -> list[str]:
 
 
 def _has_quantization_config(config_path: Path) -> bool:
-    import json
-
     try:
         return "quantization_config" in json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):

@@ -178,7 +178,20 @@ def test_truncated_full_precision_model(assets, tmp_path, fade):
     assert code == 2 and "model.safetensors is truncated or corrupt" in error_line(err)
 
 
-def test_full_disk_is_one_line_and_keeps_the_resume_state(assets, tmp_path, monkeypatch, fade):
+def _os_error(path):
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _safetensors_error(path):
+    # What safetensors' Rust writer raises when the OS says ENOSPC.
+    from safetensors import SafetensorError
+
+    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')
+
+
+@pytest.mark.parametrize("make_error", [_os_error, _safetensors_error])
+def test_full_disk_is_one_line_and_keeps_the_resume_state(assets, tmp_path, monkeypatch, fade, make_error):
     # ENOSPC, simulated: the checkpoint writer fails as a full disk makes it fail (no tmpfs
     # can be mounted without privileges here).
     import fade_kernels.io.checkpoint as checkpoint_module
@@ -187,12 +200,12 @@ def test_full_disk_is_one_line_and_keeps_the_resume_state(assets, tmp_path, monk
 
     def full_disk(model, directory, *args, **kwargs):
         (directory / "model.safetensors").write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+        raise make_error(directory / "model.safetensors")
     monkeypatch.setattr(checkpoint_module, "write_model_files", full_disk)
     out = tmp_path / "q"
     code, _, err = fade(*quantize_args(assets, out))
     line = error_line(err)
-    assert code == 2 and "no space left on the device while writing" in line
+    assert code == 2 and "no space left on the device" in line
     assert f"the finished blocks are kept in {out}.partial" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.partial"]   # no temporary left, no --out
     monkeypatch.setattr(checkpoint_module, "write_model_files", real_writer)

@@ -9,6 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+# Fixtures of the fault tests (tests/reliability): the tiny model folder, a checkpoint, `fade` runner.
+pytest_plugins = ["reliability.faults"]
+
 
 def tiny_whisper_config(**overrides):
     from transformers import WhisperConfig

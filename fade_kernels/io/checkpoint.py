@@ -10,6 +10,8 @@ Directory layout (written by `save_quantized`, read by `load_quantized`):
                                model.safetensors.index.json (transformers' layout).
   generation_config.json       the model's generation config
   preprocessor_config.json ... the processor's files, when a processor was given
+  fade_checksums.json          sha256 of every file above (and of each tensor's bytes), written
+                               last; load_quantized verifies it (io/integrity.py)
 
 Per QuantLinear `<name>` the file holds (K = in_features, N = out_features, G = K / group):
   <name>.qweight  int32   [K*bits/32, N]            codes packed along K (packing.py)

@@ -1,5 +1,10 @@
-"""Helpers of the fault tests: a tiny random Whisper model folder, audio, manifests, and ways to
-damage files and inspect what a command left behind."""
+"""Helpers and fixtures of the fault tests: a tiny random Whisper model folder, audio, manifests,
+a checkpoint `fade quantize` wrote, a runner for `fade` as a user types it (in process), and ways
+to damage files and inspect what a command left behind.
+
+The fixtures live here rather than in a second conftest.py, which would shadow tests/conftest.py
+for the tests that import helpers from it (`from conftest import ...`); tests/conftest.py loads
+this module as a plugin, so `assets` and `checkpoint` are built once per session."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -104,3 +110,40 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """model: the full-precision folder; calib: a 4-line manifest (1-1.5 s clips); audio: one clip."""
+    root = tmp_path_factory.mktemp("assets")
+    model = save_tiny_model(root / "model")
+    clips = [write_wav(root / f"clip{k}.wav", 1.0 + 0.5 * (k % 2), seed=k) for k in range(4)]
+    calib = write_manifest(root / "calib.jsonl", [{"audio": c.name, "text": f"hello world number {k}"}
+                                                  for k, c in enumerate(clips)])
+    return {"root": root, "model": model, "calib": calib, "audio": clips[0]}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(assets, tmp_path_factory) -> Path:
+    """A checkpoint `fade quantize` wrote (tests that damage it work on a copy)."""
+    from fade_kernels.cli import main
+
+    out = tmp_path_factory.mktemp("checkpoint") / "q"
+    assert main(quantize_args(assets, out)) == 0
+    return out
+
+
+@pytest.fixture
+def fade(capsys):
+    """Run `fade ARGS` in this process: (exit code, stdout, stderr)."""
+    from fade_kernels.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_info:   # argparse's own usage errors
+            code = exit_info.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run

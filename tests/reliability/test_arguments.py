@@ -8,6 +8,8 @@ import pytest
 import fade_kernels.models.source as source
 from faults import error_line, quantize_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_nonexistent_absolute_model_path(assets, tmp_path, fade):
     code, _, err = fade("transcribe", assets["audio"], "--model", tmp_path / "no" / "such" / "model")

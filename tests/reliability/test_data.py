@@ -6,6 +6,8 @@ import pytest
 
 from faults import WINDOW_SECONDS, error_line, quantize_args, write_manifest, write_wav
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def bad_audio(tmp_path):

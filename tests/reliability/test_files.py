@@ -12,6 +12,8 @@ import pytest
 import fade_kernels.cli as cli
 from faults import dead_pid, error_line, flip_byte, quantize_args, tensor_offset, tree_snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def no_calibration(monkeypatch):

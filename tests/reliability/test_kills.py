@@ -5,6 +5,8 @@ at a fixed point (after the first finished block; inside the checkpoint writer),
 is real and the moment deterministic."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import textwrap
 from safetensors.torch import load_file
 
 from faults import quantize_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _CHILD = textwrap.dedent('''
     import os, signal, sys

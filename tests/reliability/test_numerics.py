@@ -14,6 +14,8 @@ from fade_kernels.solver.gptq import gptq_quantize
 from fade_kernels.solver.rtn import rtn_quantize
 from faults import error_line, quantize_args, save_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def problem(n=64, k=128):
     weight = torch.randn(n, k)

@@ -24,14 +24,18 @@ class CliError(Exception):
 def _load_model(spec: str):
     """A quantized checkpoint (config.json has quantization_config) or a full-precision model
     (local dir, hub id, or bundled:NAME) -> (model, processor)."""
+    from fade_kernels.io.integrity import check_not_stripped_quantized
     from fade_kernels.models.bundled import load_model_and_processor, resolve_model
+    from fade_kernels.models.source import check_model_spec
 
+    check_model_spec(spec, "--model")
     path = Path(resolve_model(spec))
     config_file = path / "config.json"
     if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text()):
         from fade_kernels.io.checkpoint import load_processor, load_quantized
 
         return load_quantized(path), load_processor(path)
+    check_not_stripped_quantized(path)
     return load_model_and_processor(spec)
 
 
@@ -44,7 +48,9 @@ def cmd_quantize(args) -> int:
 
     from fade_kernels.api import quantize_model
     from fade_kernels.memory.cache import parse_size
-    from fade_kernels.calib.resume import ResumeFolderBusyError, remove_resume_folder
+    from fade_kernels.calib.resume import (ResumeCorruptError, ResumeFolderBusyError, ResumeFolderError,
+                                           ResumeMismatchError, remove_resume_folder)
+    from fade_kernels.cli_checks import check_calibration_size, check_quantize_outputs
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
@@ -65,11 +71,16 @@ def cmd_quantize(args) -> int:
         config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, **_config_kwargs(args))
     except ValueError as error:
         raise CliError(_option_error(str(error))) from None
+    out = Path(args.out)
+    resume_dir = None if args.no_resume else Path(args.resume_dir or f"{out}.partial")
+    check_quantize_outputs(out, args.overwrite, resume_dir, args.report, args.offload_dir)
+    corpus = load_corpus(args.calib) if args.calib else []
+    check_calibration_size(corpus, args.calib, args.n_calib)
     torch.manual_seed(args.seed)
     model, processor = _load_model(args.model)
     full_precision_bytes = sum(p.numel() * 4 for p in model.parameters())
     if args.calib:
-        utterances = select_subset(load_corpus(args.calib), args.n_calib, args.seed)
+        utterances = select_subset(corpus, args.n_calib, args.seed)
     else:
         # RTN needs no data; a few seconds of silence still exercise the pipeline's report.
         utterances = []
@@ -81,8 +92,9 @@ def cmd_quantize(args) -> int:
         from fade_kernels.sweep import silence_samples
 
         samples = silence_samples(model, processor)
-    out = Path(args.out)
-    resume_dir = None if args.no_resume else Path(args.resume_dir or f"{out}.partial")
+    if resume_dir is not None:
+        args.interrupt_hint = args.storage_hint = (f"the finished blocks are kept in {resume_dir}: rerun the same "
+                                                   f"command to continue from there")
     if resume_dir is not None and (resume_dir / "state.json").is_file():
         print(f"resuming from {resume_dir}: finished blocks are restored, the rest is quantized "
               f"(a run with other settings or data is refused)")
@@ -90,9 +102,9 @@ def cmd_quantize(args) -> int:
         report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=not args.quiet,
                                 checkpoint_dir=resume_dir, keep_checkpoint=True, max_memory=args.max_memory,
                                 offload_dir=args.offload_dir)
-    except ResumeFolderBusyError as error:
-        raise CliError(f"--resume-dir: {error}") from None
-    save_quantized(model, out, processor=processor)
+    except (ResumeFolderBusyError, ResumeMismatchError, ResumeCorruptError, ResumeFolderError) as error:
+        raise CliError(f"--resume-dir: {error} (or pass --no-resume)") from None
+    save_quantized(model, out, processor=processor)   # replaces only what check_quantize_outputs allowed
     run_info = {"calib": args.calib, "seed": args.seed, "model": args.model}
     report_file = out / "quantization_report.json"
     report_file.write_text(json.dumps({**report.to_dict(), **run_info}, indent=1))
@@ -213,6 +225,11 @@ def cmd_eval(args) -> int:
     if args.max_utts is not None and args.max_utts < 1:
         raise CliError(f"--max-utts must be at least 1, got {args.max_utts}")
     utterances = load_corpus(args.manifest)
+    if not utterances:
+        raise CliError(f"--manifest {args.manifest} holds no utterances: nothing to evaluate")
+    if not any(u.text is not None for u in utterances):
+        raise CliError(f"--manifest {args.manifest}: no utterance has a reference text, so there is no WER to "
+                       f"compute (use fade transcribe for unlabelled audio)")
     model, processor = _load_model(args.model)
     result = evaluate(model, processor, utterances, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_utts=args.max_utts)
@@ -232,8 +249,8 @@ def cmd_transcribe(args) -> int:
     missing = [path for path in args.audio if not Path(path).is_file()]
     if missing:
         raise CliError(f"AUDIO file not found: {missing[0]}")
-    model, processor = _load_model(args.model)
     audios = [load_audio(path) for path in args.audio]
+    model, processor = _load_model(args.model)
     start = time.perf_counter()
     texts = transcribe(model, processor, audios, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        progress=False)
@@ -246,9 +263,11 @@ def cmd_transcribe(args) -> int:
 
 
 def cmd_convert_ct2(args) -> int:
+    from fade_kernels.io.output_dir import check_output_dir
     from fade_kernels.models.ct2_convert import convert_ct2_whisper
 
-    out = convert_ct2_whisper(args.src, args.out)
+    kind = check_output_dir(args.out, args.overwrite, "OUT", "--overwrite")
+    out = convert_ct2_whisper(args.src, args.out, overwrite=kind == "checkpoint")
     print(f"converted {args.src} -> {out}")
     return 0
 
@@ -295,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn with --seed")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--out", required=True,
+                   help="output checkpoint directory: new or empty (a folder holding other files is refused)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier checkpoint")
     q.add_argument("--report", metavar="DIR", help="also write report.json and per-layer PNG plots here")
     q.add_argument("--resume-dir", metavar="DIR",
                    help="resume folder (default OUT.partial): the state after every finished block is written "
@@ -353,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = commands.add_parser("convert-ct2", help="CTranslate2 Whisper dir -> transformers checkpoint")
     c.add_argument("src", metavar="SRC")
     c.add_argument("out", metavar="OUT")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier conversion")
     c.set_defaults(run=cmd_convert_ct2)
 
     i = commands.add_parser("info", help="versions and kernel backends")
@@ -377,11 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from fade_kernels.user_errors import error_line, one_line_warnings
+
     try:
-        return args.run(args)
-    except (CliError, FileNotFoundError, ValueError) as error:
+        with one_line_warnings(args.command):
+            return args.run(args)
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"fade {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+    except Exception as error:
         # Input errors are the user's to fix: one line, no traceback.
-        print(f"fade {args.command}: error: {error}", file=sys.stderr)
+        message = str(error) if isinstance(error, CliError) else error_line(error, getattr(args, "storage_hint", ""))
+        if message is None:
+            raise
+        print(f"fade {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

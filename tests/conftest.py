@@ -9,6 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+# Fixtures of the fault tests (tests/reliability): the tiny model folder, a checkpoint, `fade` runner.
+pytest_plugins = ["reliability.faults"]
+
 
 def tiny_whisper_config(**overrides):
     from transformers import WhisperConfig
@@ -44,6 +47,16 @@ def tiny_moonshine():
     from transformers import MoonshineForConditionalGeneration
 
     return MoonshineForConditionalGeneration(tiny_moonshine_config()).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny matrices gain nothing from threads, and on a loaded
+    machine OpenMP workers waiting for a core made such runs up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ import torch
 
 from fade_kernels import sweep
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class FakeTokenizer:
     """Word -> id in [4, 128) by CRC32; ids decode to 'w<id>'. Ids < 4 are special."""
@@ -52,15 +54,6 @@ def write_manifest(folder, name, texts, subsets):
     path = folder / f"{name}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 64-wide layers gain nothing from threads; on a shared, loaded machine they only wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ codes, scales, zeros and report numbers:
 Every file is written to a temporary name, fsynced and renamed into place (atomic on POSIX), and
 state.json is written last: a block counts as finished only once state.json names it. A kill
 between the renames leaves a complete earlier state plus files the restart overwrites.
+state.json also records the sha256 of every file it names ("sha256": {file: hex}); a resumed run
+checks a file against it before reusing it, so bytes damaged on disk raise ResumeCorruptError
+instead of going into the model.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from fade_kernels.io.integrity import IntegrityError, file_sha256
+
 STATE_NAME = "state.json"
 FINGERPRINT_NAME = "fingerprint.json"
 ENCODER_OUTPUTS_NAME = "encoder_outputs.safetensors"
@@ -50,11 +55,19 @@ _OWN_FILE = re.compile(r"^(state\.json|fingerprint\.json|encoder_outputs\.safete
 
 
 class ResumeMismatchError(ValueError):
-    """checkpoint_dir holds the state of a run with different settings or inputs."""
+    """The resume folder holds the state of a run with different settings or inputs."""
+
+
+class ResumeFolderError(ValueError):
+    """The resume folder path is a file, or a folder holding files that are not a resume state."""
 
 
 class ResumeFolderBusyError(RuntimeError):
     """Another process holds the resume folder's lock."""
+
+
+class ResumeCorruptError(IntegrityError):
+    """A file of the resume folder differs from the sha256 state.json recorded when it was written."""
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -207,12 +220,13 @@ class ResumeState:
         self.dir = Path(directory)
         self.fingerprint = _normalized(fingerprint)
         self.threads = threads if threads is not None else torch.get_num_threads()
+        self.digests: dict[str, str] = {}   # sha256 of the files this state names (see _verified)
         fp_file = self.dir / FINGERPRINT_NAME
         if self.dir.exists() and not self.dir.is_dir():
-            raise ValueError(f"checkpoint_dir {self.dir} exists and is not a directory")
+            raise ResumeFolderError(f"resume folder {self.dir} exists and is not a directory")
         if self.dir.is_dir() and not fp_file.is_file() and any(not _is_own(p) for p in self.dir.iterdir()):
-            raise ValueError(f"checkpoint_dir {self.dir} is not empty and holds no {FINGERPRINT_NAME}: "
-                             f"it is not a fade resume folder; choose an empty or new folder")
+            raise ResumeFolderError(f"resume folder {self.dir} is not empty and holds no {FINGERPRINT_NAME}: "
+                                    f"it is not a fade resume folder; choose an empty or new folder")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = self._acquire_lock()
         if fp_file.is_file():
@@ -220,7 +234,7 @@ class ResumeState:
             differ = _differences(saved.get("run", {}), self.fingerprint)
             if differ:
                 raise ResumeMismatchError(
-                    f"checkpoint_dir {self.dir} holds the resume state of a different run ({', '.join(differ)} "
+                    f"resume folder {self.dir} holds the state of a different run ({', '.join(differ)} "
                     f"differ): rerun with the same settings and data, or delete that folder / choose another one")
             if saved.get("threads") not in (None, self.threads):
                 # Thread count can change float reduction order in GEMMs, so continuing is allowed
@@ -248,7 +262,7 @@ class ResumeState:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             fh.close()
-            raise ResumeFolderBusyError(f"checkpoint_dir {self.dir} is in use by another process (its {LOCK_NAME} "
+            raise ResumeFolderBusyError(f"resume folder {self.dir} is in use by another process (its {LOCK_NAME} "
                                         f"is locked); one run per resume folder") from None
         return fh
 
@@ -268,14 +282,30 @@ class ResumeState:
         if data.get("format") != STATE_FORMAT:
             raise ResumeMismatchError(f"{path} has state format {data.get('format')!r}, this fade-kernels "
                                       f"writes {STATE_FORMAT}; delete {self.dir}")
+        for name, digest in data.get("sha256", {}).items():
+            self.digests.setdefault(name, digest)
         return SavedState(data["stage"], int(data["next_block"]), data["layers"], data["quantized"],
                           data.get("activations"), data.get("encoder_outputs"))
+
+    def _verified(self, name: str) -> str:
+        """Path of file `name` after checking it against its recorded sha256 (files of a state
+        written before digests were recorded are read unchecked)."""
+        path = self.dir / name
+        recorded = self.digests.get(name)
+        if recorded is not None and path.is_file() and file_sha256(path) != recorded:
+            raise ResumeCorruptError(f"{path} does not match the sha256 recorded in {self.dir / STATE_NAME} when it "
+                                     f"was written (damaged on disk): delete {self.dir} to start the run over")
+        return str(path)
+
+    def _record(self, name: str) -> str:
+        self.digests[name] = file_sha256(self.dir / name)
+        return name
 
     def block_tensors(self, stack: str, index: int) -> dict[str, torch.Tensor]:
         """Block `index` of `stack`'s saved state_dict (tensors in RAM)."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.dir / _block_name(stack, index)))
+        return load_file(self._verified(_block_name(stack, index)))
 
     def read_chains(self, name: str, put: Callable[[torch.Tensor], object]) -> tuple[list, list | None]:
         """Per-batch tensors of file `name` for both chains: ([put(q.0), ...], [put(fp.0), ...] or None).
@@ -283,7 +313,7 @@ class ResumeState:
         from safetensors import safe_open
 
         q, fp = {}, {}
-        with safe_open(str(self.dir / name), framework="pt", device="cpu") as reader:
+        with safe_open(self._verified(name), framework="pt", device="cpu") as reader:
             for key in reader.keys():
                 chain, batch = key.split(".")
                 (q if chain == "q" else fp)[int(batch)] = put(reader.get_tensor(key))
@@ -293,20 +323,25 @@ class ResumeState:
     def save_encoder_outputs(self, q: list[torch.Tensor], fp: list[torch.Tensor] | None) -> str:
         """Write both chains' encoder outputs (float (B, T, D) per batch); returns the file name."""
         _save_tensors(self.dir / ENCODER_OUTPUTS_NAME, _chain_dict(q, fp))
-        return ENCODER_OUTPUTS_NAME
+        return self._record(ENCODER_OUTPUTS_NAME)
 
     def commit_block(self, stack: str, index: int, block_state: dict[str, torch.Tensor], outputs_q: list,
                      outputs_fp: list | None, state: SavedState) -> None:
         """Persist finished block `index` of `stack`: its tensors, its outputs on both chains, then
         `state` (which must already say stage=stack, next_block=index + 1) as the commit."""
         _save_tensors(self.dir / _block_name(stack, index), block_state)
+        self._record(_block_name(stack, index))
         acts = _acts_name(stack, index)
         _save_tensors(self.dir / acts, _chain_dict(outputs_q, outputs_fp))
+        self._record(acts)
         previous = self.load()
         state.activations = acts
+        named = [_block_name(name, k) for name, blocks in state.quantized.items() for k in range(len(blocks))]
+        named += [acts] + ([state.encoder_outputs] if state.encoder_outputs else [])
         _write_json(self.dir / STATE_NAME, {
             "format": STATE_FORMAT, "stage": state.stage, "next_block": state.next_block, "layers": state.layers,
-            "quantized": state.quantized, "activations": state.activations, "encoder_outputs": state.encoder_outputs})
+            "quantized": state.quantized, "activations": state.activations, "encoder_outputs": state.encoder_outputs,
+            "sha256": {name: self.digests[name] for name in named if name in self.digests}})
         # The previous block's outputs are no longer needed once the new state is committed.
         if previous is not None and previous.activations not in (None, acts):
             (self.dir / previous.activations).unlink(missing_ok=True)

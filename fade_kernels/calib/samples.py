@@ -1,6 +1,7 @@
 """Calibration samples: one utterance's encoder input, its length and its decoder tokens."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,13 @@ def prepare_samples(model, processor, utterances, adapter: ModelAdapter | None =
     prompt = adapter.decoder_prompt(model, tokenizer)
     eos = model.config.eos_token_id
     max_len = getattr(model.config, "max_target_positions", None) or getattr(model.config, "max_position_embeddings", 448)
+    window = getattr(feature_extractor, "n_samples", None)   # Whisper's fixed input (30 s); None: any length
     samples = []
     for utt in tqdm(utterances, desc="calibration audio", disable=not progress):
         audio = load_audio(utt.audio)
+        if window and len(audio) > window:
+            warnings.warn(f"calibration clip {utt.audio} is {len(audio) / 16000:.1f} s long; only its first "
+                          f"{window / 16000:.0f} s (the model's input window) are used", stacklevel=2)
         features = feature_extractor(audio, sampling_rate=16000, return_tensors="pt")
         encoder_input = features[adapter.encoder_input_name()][0].float()
         if utt.text:

@@ -10,6 +10,11 @@ import numpy as np
 TARGET_SR = 16000
 
 
+class AudioFileError(RuntimeError, ValueError):
+    """An audio file that cannot be used: unreadable, or empty. A ValueError (bad input) and, as
+    before, a RuntimeError."""
+
+
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = TARGET_SR) -> np.ndarray:
     """Resample a 1-D signal with a polyphase filter.
 
@@ -34,7 +39,8 @@ def load_audio(path: str | Path, sampling_rate: int = TARGET_SR) -> np.ndarray:
 
     Returns shape (n_samples,), dtype float32, values nominally in [-1, 1], at
     `sampling_rate` Hz. Multi-channel input is averaged to mono; other rates are resampled.
-    Raises FileNotFoundError / RuntimeError naming `path` so a bad manifest entry is easy to find.
+    Raises FileNotFoundError, or AudioFileError naming `path` for a file libsndfile cannot read or
+    one that holds no samples, so a bad manifest entry is easy to find.
     """
     import soundfile as sf
 
@@ -45,6 +51,8 @@ def load_audio(path: str | Path, sampling_rate: int = TARGET_SR) -> np.ndarray:
         # always_2d gives (frames, channels) for mono and multi-channel alike.
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError subclasses
-        raise RuntimeError(f"cannot read audio file {p}: {e}") from e
+        raise AudioFileError(f"cannot read audio file {p}: {e}") from e
+    if data.shape[0] == 0:
+        raise AudioFileError(f"audio file {p} holds no samples (0 s of audio): remove it or record it again")
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return resample(audio, sr, sampling_rate)

@@ -41,11 +41,15 @@ def get_normalizer(tokenizer_or_map: Any = None) -> Callable[[str], str]:
 
 
 def normalize(text: str | None, normalizer: Callable[[str], str] | None = None) -> str:
-    """Normalised text with single spaces (None -> "")."""
+    """Normalised text with single spaces (None -> "").
+
+    Tokens without a letter or digit are dropped: the normaliser keeps a "." (for decimals), so
+    "..." would otherwise count as a one-word reference; punctuation-only text normalises to ""
+    and follows the empty-reference rule of word_error_counts."""
     if not text:
         return ""
     norm = normalizer or _default_normalizer()
-    return " ".join(norm(text).split())
+    return " ".join(word for word in norm(text).split() if any(ch.isalnum() for ch in word))
 
 
 def word_error_counts(

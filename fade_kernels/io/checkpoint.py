@@ -10,6 +10,8 @@ Directory layout (written by `save_quantized`, read by `load_quantized`):
                                model.safetensors.index.json (transformers' layout).
   generation_config.json       the model's generation config
   preprocessor_config.json ... the processor's files, when a processor was given
+  fade_checksums.json          sha256 of every file above (and of each tensor's bytes), written
+                               last; load_quantized verifies it (io/integrity.py)
 
 Per QuantLinear `<name>` the file holds (K = in_features, N = out_features, G = K / group):
   <name>.qweight  int32   [K*bits/32, N]            codes packed along K (packing.py)
@@ -54,7 +56,7 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -181,33 +183,40 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out_dir`; on success it replaces `out_dir`.
 
     Write everything into the yielded path. If the body raises (or the process dies), the
-    temporary directory is discarded (or left as `.<name>.tmp-*`) and `out_dir` is untouched.
+    temporary directory is discarded (or left as `.<name>.tmp-<pid>-*`) and `out_dir` is untouched.
     On success an existing `out_dir` is renamed aside, the new one renamed in, then the old one
     deleted, so at every instant either the old or the new complete checkpoint exists on disk
-    (if the process dies between the two renames, the old one is at `.<name>.old-*`).
+    (if the process dies between the two renames, the old one is at `.<name>.old-<pid>-*`).
+    Only an empty folder or a checkpoint of ours is ever replaced (io/output_dir.py): a folder
+    holding anything else, a file, or the current folder raise OutputDirError before anything is
+    written. A successful save deletes the temporaries that killed saves left beside `out_dir`.
     """
+    from fade_kernels.io.output_dir import check_output_dir, remove_stale_temporaries, temporary_prefix
+
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    check_output_dir(out_dir, overwrite=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir, "tmp"), dir=out_dir.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            check_output_dir(out_dir, overwrite=True)   # nothing foreign appeared meanwhile
+            old = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir, "old"), dir=out_dir.parent)) / "old"
             os.rename(out_dir, old)
             try:
                 os.rename(tmp, out_dir)
             except BaseException:
                 os.rename(old, out_dir)
+                shutil.rmtree(old.parent, ignore_errors=True)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.parent, ignore_errors=True)
         else:
             os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temporaries(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,14 +259,19 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, processor: Any 
         QuantLinear. processor: optional processor/tokenizer/feature extractor (anything with
         save_pretrained) saved beside the weights. quant_config: dict or QuantConfig recorded in
         config.json's quantization_config (see the module docstring for the schema).
-    An existing out_dir is replaced only once the new checkpoint is completely written.
+    An existing out_dir is replaced only once the new checkpoint is completely written, and only
+    when it is empty or a checkpoint of ours (OutputDirError otherwise: a user's files are never
+    deleted). fade_checksums.json records every file's sha256 (io/integrity.py); loads verify it.
     Returns the checkpoint directory.
     """
+    from fade_kernels.io.integrity import write_checksums
+
     quantization_config = build_quantization_config(model, quant_config)
     with atomic_directory(out_dir) as tmp:
         write_model_files(model, tmp, quantization_config)
         if processor is not None:
             processor.save_pretrained(tmp)
+        write_checksums(tmp)
     return Path(out_dir)
 
 
@@ -575,9 +589,11 @@ def check_fade_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, modules: dict[str, dict[str, Any]], config: dict[str, Any],
                quantization_config: dict[str, Any], dtype: torch.dtype, device: str | torch.device,
-               transform: Callable[[nn.Module, dict, dict], None] | None = None) -> nn.Module:
+               transform: Callable[[nn.Module, dict, dict], None] | None = None, verify: bool = True) -> nn.Module:
     """Shared by load_quantized and import_gptq: build, read, optionally transform, assign.
 
+    verify: check the files against the directory's fade_checksums.json first, when it has one
+    (IntegrityError naming the damaged file and tensor).
     transform(model, tensors, origin) may rewrite `tensors` in place before they are checked
     and assigned (import_gptq converts GPTQ zero points into our layout there).
     """
@@ -585,6 +601,10 @@ def load_model(path: str | os.PathLike, modules: dict[str, dict[str, Any]], conf
     source = root / CONFIG_NAME
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if verify:
+        from fade_kernels.io.integrity import verify_checksums
+
+        verify_checksums(root)
     model = build_empty_model(config, source, modules)
     tensors, origin = read_tensors(root)
     if transform is not None:
@@ -594,18 +614,26 @@ def load_model(path: str | os.PathLike, modules: dict[str, dict[str, Any]], conf
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> nn.Module:
+                   device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Read a checkpoint written by save_quantized; returns the transformers model in eval mode.
 
     dtype: floating dtype of the non-quantized weights (embeddings, norms, convs, proj_out);
         QuantLinear buffers keep their stored dtypes (int32 / float16 scales / float32 bias).
     Raises CheckpointError (a ValueError; CheckpointNotFoundError is also a FileNotFoundError)
     naming the file and the problem when the checkpoint is missing, truncated or inconsistent.
+    verify: compare every file with the sha256 recorded at save time (fade_checksums.json) first;
+        a mismatch raises IntegrityError (a CheckpointError) naming the file and the tensor.
     """
+    from fade_kernels.io.integrity import CHECKSUMS_NAME, verify_checksums
+
     root = Path(path)
+    verified = verify and root.is_dir() and verify_checksums(root)
     config = read_config(root)
     qc = check_fade_config(config, root / CONFIG_NAME)
-    return load_model(root, qc["modules"], config, qc, dtype, device)
+    if verify and not verified:
+        warnings.warn(f"{root} has no {CHECKSUMS_NAME} (saved by an older fade-kernels): its files cannot be "
+                      f"verified; save it again to add one", stacklevel=2)
+    return load_model(root, qc["modules"], config, qc, dtype, device, verify=False)
 
 
 def load_processor(path: str | os.PathLike):

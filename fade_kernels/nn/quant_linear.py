@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.numerics import check_finite, check_float16_scales
 from fade_kernels.ops.custom_op import quant_linear as quant_linear_op
 from fade_kernels.ops.registry import quant_linear_forward
 from fade_kernels.packing import codes_per_run, pack_qweight, pack_qzeros, padded_width
@@ -47,6 +48,8 @@ class QuantLinear(nn.Module):
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, sym=sym, backend=backend)
         if scales.shape != (out_features, in_features // layer.group_size):
             raise ValueError(f"scales must have shape {(out_features, in_features // layer.group_size)}, got {tuple(scales.shape)}")
+        check_finite(scales, "scales")
+        check_float16_scales(scales)   # stored as float16: a larger scale would become inf
         layer.qweight.copy_(pack_qweight(codes, bits))
         layer.qzeros.copy_(pack_qzeros(zeros, bits))
         layer.scales.copy_(scales.t().half())
@@ -80,6 +83,8 @@ class QuantLinear(nn.Module):
         a gradient the op is used in eager mode too: its registered backward (dx = dy @ W_hat)
         covers every backend, including those without an autograd formula of their own.
         """
+        if x.dim() == 0:
+            raise ValueError(f"input must have at least 1 dimension (..., in_features={self.in_features}), got a 0-d tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {x.shape[-1]}")
         use_op = torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())

@@ -22,6 +22,7 @@ from fade_kernels.memory.cache import ActivationCache, CachedTensor, load, mater
 from fade_kernels.memory.mapped import release_file_pages
 from fade_kernels.models.adapters import ENCODER_FRAMES
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
+from fade_kernels.numerics import solving
 from fade_kernels.pipeline.memo import MEMO_BUDGET_BYTES, QuantizedOutputMemo
 from fade_kernels.pipeline.report import LayerReport, QuantizationReport
 from fade_kernels.solver.awq import divide_norm_by_input_scale
@@ -264,7 +265,7 @@ class StackQuantizer:
         stats = gathered.stats
         excluded = [group.role in self.config.qep_exclude or name in self.config.qep_exclude
                     or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in group.names]
-        with self.timer("solve"):
+        with self.timer("solve"), solving(", ".join(f"{block_name}.{name}" for name in group.names)):
             solutions = solve_linear_group([m.weight for m in modules], stats, self.config, gathered.half_stats,
                                            gathered.act_mean_abs, excluded, self._can_rescale(block, group, width),
                                            gathered.factor_cache)

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.numerics import check_finite, check_float16_scales, warn_if_all_zero_hessian
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
 from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
 from fade_kernels.timing import stage
@@ -223,8 +224,12 @@ def prepare_gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bo
         raise ValueError(f"hessian must be square (K, K), got shape {tuple(hessian.shape)}")
     if factor not in FACTOR_METHODS:
         raise ValueError(f"factor must be one of {FACTOR_METHODS}, got {factor!r}")
+    if not (isinstance(damp, (int, float)) and 0.0 <= damp < float("inf")):
+        raise ValueError(f"damp must be a finite number >= 0 (a fraction of mean diag H), got {damp!r}")
+    check_finite(hessian, "hessian")
     H = hessian.detach().clone().float()
     dead = torch.diagonal(H) == 0
+    warn_if_all_zero_hessian(dead)
     H[dead, dead] = 1.0
     perm = None
     if act_order:
@@ -257,6 +262,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     n_rows, n_cols = weight.shape
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: GPTQ needs at least one row and one column")
+    check_finite(weight, "weight")
     if prepared is None:
         if hessian is None:
             raise ValueError("gptq_quantize needs a hessian (K, K) or a prepared factor")
@@ -300,6 +308,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
 
     with stage("sweep"):
         swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep)
+    check_float16_scales(swept.scales)   # the fused kernels compute their grids themselves
     codes = swept.codes
     if perm is not None:
         codes = torch.empty_like(swept.codes)

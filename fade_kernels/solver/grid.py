@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from fade_kernels.numerics import check_float16_scales
+
 # Smallest positive float16 subnormal: a scale below it would round to 0 in the checkpoint.
 _MIN_FP16_SCALE = 2.0 ** -24
 
@@ -47,6 +49,7 @@ def compute_grid(weight: torch.Tensor, bits: int, sym: bool = False) -> Grid:
         degenerate = wmax == wmin
         zeros = None
     scales = torch.where(degenerate, torch.ones_like(scales), scales)
+    check_float16_scales(scales)
     scales = _round_up_to_float16(scales.clamp(min=_MIN_FP16_SCALE))
     if zeros is None:
         zeros = torch.round(-wmin / scales).clamp(0, maxq)

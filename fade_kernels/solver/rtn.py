@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
+from fade_kernels.numerics import check_finite
 from fade_kernels.solver.grid import compute_grid, quantize_to_codes
 
 
@@ -20,6 +21,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     n_rows, n_cols = weight.shape
+    check_finite(weight, "weight")
     g = resolve_group_size(group_size, n_cols)
     grouped = weight.float().reshape(n_rows * (n_cols // g), g)  # one group per row
     scales, zeros = compute_grid(grouped, bits, sym)

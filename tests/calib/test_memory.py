@@ -9,7 +9,9 @@ from fade_kernels import QuantConfig, quantize_model
 from fade_kernels.api import StageTimer
 from fade_kernels.memory.cache import ActivationCache, load, materialize, parse_size
 
-from test_resume import _one_thread, assert_identical, quantized_tensors, short_samples, short_whisper  # noqa: F401
+from test_resume import assert_identical, quantized_tensors, short_samples, short_whisper
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("text,expected", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", 1_500_000_000),
@@ -229,7 +231,7 @@ def test_release_file_pages_hands_back_mapped_pages_and_leaves_the_heap_alone(tm
     assert torch.equal(heap, copy_of_heap)
 
 
-def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path, _one_thread):  # noqa: F811
+def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path):
     """A memory-mapped model (from_pretrained) and an in-RAM copy of it quantize to the same
     tensors; only the mapped one releases pages."""
     from transformers import WhisperForConditionalGeneration

@@ -15,19 +15,12 @@ from fade_kernels.calib import resume as resume_module
 from fade_kernels.calib.resume import ResumeMismatchError, ResumeState
 from fade_kernels.calib.samples import CalibSample
 
+# Tiny matrices; the kill test's child uses one thread as well.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # 150 encoder positions = 300 mel frames (a 3 s window): the pipeline is the same as at 1500,
 # ten times cheaper.
 SHORT = dict(max_source_positions=150)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is fastest, and on a loaded machine OpenMP workers waiting for a
-    # core made these runs 50x slower. The kill test's child uses one thread as well.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def short_whisper(seed=0, **overrides):
@@ -248,7 +241,7 @@ def test_cli_resume_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "silence_samples", lambda model, processor: short_samples(n=2))
     out = tmp_path / "out"
     args = ["quantize", "--model", "m", "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),
-            "--quiet", "--max-memory", "0"]
+            "--quiet", "--max-memory", "0", "--overwrite"]
     assert cli.main(args + ["--keep-resume-state"]) == 0
     first = load_file(str(out / "model.safetensors"))
     assert (tmp_path / "out.partial" / "state.json").is_file()

@@ -13,6 +13,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 PROPAGATING_METHODS = ("qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 FADE_RULES = ("both", "reliability", "vulnerability")
+# Checkpoint formats other tools load that `fade export` writes (fade_kernels.io.export).
+EXPORT_FORMATS = ("compressed-tensors", "gptq")
 
 
 @dataclass(frozen=True)

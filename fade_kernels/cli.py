@@ -1,4 +1,4 @@
-"""The `fade` command line: quantize | sweep | eval | transcribe | convert-ct2 | info.
+"""The `fade` command line: quantize | sweep | eval | transcribe | export | convert-ct2 | info.
 
 Every bad argument ends in a one-line error naming it (exit code 2), never a traceback.
 """
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fade_kernels.config import FADE_RULES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
+from fade_kernels.config import EXPORT_FORMATS, FADE_RULES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
 
 # Methods whose result does not depend on calibration data (everything else needs --calib).
 DATA_FREE_METHODS = ("rtn",)
@@ -262,6 +262,22 @@ def cmd_transcribe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import warnings
+
+    from fade_kernels.io.export import export_checkpoint
+
+    if not Path(args.quantized_dir).is_dir():
+        raise CliError(f"QUANTIZED_DIR not found: {args.quantized_dir}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_checkpoint(args.quantized_dir, args.out, args.format)
+    for warning in caught:
+        print(f"fade export: warning: {warning.message}", file=sys.stderr)
+    print(f"exported {args.quantized_dir} -> {out} ({args.format})")
+    return 0
+
+
 def cmd_convert_ct2(args) -> int:
     from fade_kernels.io.output_dir import check_output_dir
     from fade_kernels.models.ct2_convert import convert_ct2_whisper
@@ -370,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--max-new-tokens", type=int, default=128)
     t.set_defaults(run=cmd_transcribe)
+
+    x = commands.add_parser("export", help="write a quantized checkpoint in a format other tools load (vLLM, "
+                                           "transformers, llm-compressor's compressed-tensors; GPTQ)")
+    x.add_argument("quantized_dir", metavar="QUANTIZED_DIR", help="a checkpoint written by fade quantize")
+    x.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="compressed-tensors: pack-quantized W4A16/W8A16 (vLLM, transformers); "
+                        "gptq: GPTQ v1 as vLLM loads it (symmetric 4/8-bit only)")
+    x.add_argument("--out", required=True, help="new or empty folder (or an earlier export, which is replaced)")
+    x.set_defaults(run=cmd_export)
 
     c = commands.add_parser("convert-ct2", help="CTranslate2 Whisper dir -> transformers checkpoint")
     c.add_argument("src", metavar="SRC")

@@ -55,6 +55,8 @@ METHODS = {method.name: method for method in (
 )}
 SUPPORTED_METHODS = tuple(METHODS)
 PROPAGATING_METHODS = tuple(name for name, method in METHODS.items() if method.propagates)
+# Checkpoint formats other tools load that `fade export` writes (fade_kernels.io.export).
+EXPORT_FORMATS = ("compressed-tensors", "gptq")
 
 
 @dataclass(frozen=True)

@@ -252,18 +252,24 @@ def write_model_files(model: nn.Module, directory: Path, quantization_config: di
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, processor: Any = None,
-                   quant_config: dict | Any | None = None) -> Path:
+                   quant_config: dict | Any | None = None, format: str = FADE_CHECKPOINT_FORMAT) -> Path:
     """Write `model` (a transformers model with QuantLinear layers) to `out_dir` atomically.
 
     model: e.g. WhisperForConditionalGeneration after some nn.Linear were swapped for
         QuantLinear. processor: optional processor/tokenizer/feature extractor (anything with
         save_pretrained) saved beside the weights. quant_config: dict or QuantConfig recorded in
         config.json's quantization_config (see the module docstring for the schema).
+    format: "fade" (this module's layout) or a format other tools load, "compressed-tensors" or
+        "gptq" (see fade_kernels.io.export, which refuses what the target cannot load).
     An existing out_dir is replaced only once the new checkpoint is completely written, and only
     when it is empty or a checkpoint of ours (OutputDirError otherwise: a user's files are never
     deleted). fade_checksums.json records every file's sha256 (io/integrity.py); loads verify it.
     Returns the checkpoint directory.
     """
+    if format != FADE_CHECKPOINT_FORMAT:
+        from fade_kernels.io.export import export_checkpoint
+
+        return export_checkpoint(model, out_dir, format, processor=processor, quant_config=quant_config)
     from fade_kernels.io.integrity import write_checksums
 
     quantization_config = build_quantization_config(model, quant_config)
@@ -572,7 +578,7 @@ def check_fade_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
     fmt = qc.get("checkpoint_format")
     if method == "gptq" or fmt in ("gptq", "gptq_v2"):
         raise CheckpointError(f"{source} is a GPTQ checkpoint (quant_method={method!r}, checkpoint_format={fmt!r}); "
-                              f"read it with fade_kernels.io.import_gptq")
+                              f"read it with load_quantized or fade_kernels.io.import_gptq")
     if method != FADE_QUANT_METHOD:
         raise CheckpointError(f"{source}: quantization_config.quant_method is {method!r}, "
                               f"expected {FADE_QUANT_METHOD!r}")
@@ -617,6 +623,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Read a checkpoint written by save_quantized; returns the transformers model in eval mode.
 
+    Also reads checkpoints made elsewhere, into the same QuantLinear layers (packed, never
+    densified): compressed-tensors pack-quantized (llm-compressor's W4A16/W8A16; see
+    compressed_tensors.py) and GPTQ (import_gptq), told apart by quantization_config.quant_method.
     dtype: floating dtype of the non-quantized weights (embeddings, norms, convs, proj_out);
         QuantLinear buffers keep their stored dtypes (int32 / float16 scales / float32 bias).
     Raises CheckpointError (a ValueError; CheckpointNotFoundError is also a FileNotFoundError)
@@ -629,6 +638,16 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     root = Path(path)
     verified = verify and root.is_dir() and verify_checksums(root)
     config = read_config(root)
+    stored = config.get("quantization_config")
+    method = stored.get("quant_method") if isinstance(stored, dict) else None
+    if method == "compressed-tensors":
+        from fade_kernels.io.compressed_tensors import import_compressed_tensors
+
+        return import_compressed_tensors(root, dtype, device)
+    if method == "gptq":
+        from fade_kernels.io.gptq_format import import_gptq
+
+        return import_gptq(root, dtype, device)
     qc = check_fade_config(config, root / CONFIG_NAME)
     if verify and not verified:
         warnings.warn(f"{root} has no {CHECKSUMS_NAME} (saved by an older fade-kernels): its files cannot be "

@@ -155,18 +155,44 @@ def gptq_quantization_config(model: nn.Module, zero_point_format: str,
     }
 
 
-def export_gptq(model_or_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
-                zero_point_format: str = "v1", quant_config: dict | Any | None = None) -> Path:
-    """Write a GPTQ-format checkpoint of a QuantLinear model (or of a save_quantized directory).
+def _block_relative(name: str) -> str:
+    """"model.encoder.layers.3.self_attn.q_proj" -> "self_attn.q_proj" (the name inside its block)."""
+    match = re.search(r"\.layers\.\d+\.(.+)$", name)
+    return match.group(1) if match else name
 
-    zero_point_format: "v1" (checkpoint_format "gptq", AutoGPTQ's z - 1, the most widely read)
-        or "v2" (checkpoint_format "gptq_v2", z as stored). quant_config: extra run settings,
-        as for save_quantized. Written atomically (see atomic_directory); also writes
-        quantize_config.json for AutoGPTQ-era loaders. Returns out_dir.
+
+def check_vllm_gptq(model: nn.Module) -> None:
+    """Raise ExportRefused (one line) when vLLM's GPTQ loader cannot load `model`'s layers.
+
+    vLLM maps GPTQ layers to (bits, sym) in {(4, True), (8, True)} and refuses every other
+    pair; its `dynamic` overrides match its own fused names (qkv_proj), so one grid must serve
+    every layer.
     """
-    if zero_point_format not in ZERO_POINT_FORMATS:
-        raise ValueError(f"zero_point_format must be one of {sorted(ZERO_POINT_FORMATS)}, got {zero_point_format!r}")
-    model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_quantized(model_or_dir)
+    from fade_kernels.io.export import ExportRefused
+
+    layers = quantized_modules(model)
+    if not layers:
+        raise ExportRefused("model has no QuantLinear layers: nothing quantized to export")
+    for name, layer in layers.items():
+        if not layer.sym:
+            raise ExportRefused(f"{name} is asymmetric: vLLM loads only symmetric GPTQ checkpoints; export "
+                                f"--format compressed-tensors (vLLM serves asymmetric W4A16 from it) or quantize with --sym")
+        if layer.bits not in (4, 8):
+            raise ExportRefused(f"{name} is {layer.bits}-bit: vLLM's GPTQ loader takes only 4- and 8-bit layers")
+    grids = {(layer.bits, layer.group_size, layer.sym) for layer in layers.values()}
+    if len(grids) > 1:
+        raise ExportRefused(f"layers use {len(grids)} different grids (bits, group size): vLLM's GPTQ loader "
+                            f"needs one grid for every layer")
+
+
+def write_gptq(model: nn.Module, directory: Path, zero_point_format: str = "v1",
+               quant_config: dict | Any | None = None, for_vllm: bool = False) -> list[str]:
+    """Write the GPTQ checkpoint of `model` into the (empty) `directory`; returns warnings.
+
+    for_vllm: also write `modules_in_block_to_quantize` and zero `<k_proj>.bias` tensors for
+    bias-free quantized k_proj layers (vLLM fuses them into a biased qkv_proj); the caller
+    checks check_vllm_gptq first.
+    """
     qconfig = gptq_quantization_config(model, zero_point_format, quant_config)
     layers = quantized_modules(model)
 
@@ -178,20 +204,44 @@ def export_gptq(model_or_dir: nn.Module | str | os.PathLike, out_dir: str | os.P
             ragged.append(name)
         if zero_point_format == "v1" and bool((unpack_qzeros(layer.qzeros, layer.bits, layer.out_features) == 0).any()):
             zero_z.append(name)
+    if for_vllm:
+        qconfig["modules_in_block_to_quantize"] = [sorted({_block_relative(name) for name in layers})]
+        for name, layer in layers.items():
+            if name.endswith(".k_proj") and layer.bias is None:
+                state_dict[f"{name}.bias"] = torch.zeros(layer.out_features, dtype=torch.float32)
+    notes = []
     if ragged:
-        warnings.warn(f"{len(ragged)} layers have N not a multiple of 32 ({ragged[0]}, ...): their qzeros are written "
-                      f"zero-padded to ceil(N/32)*bits words; AutoGPTQ/GPTQModel allocate N//32*bits and will "
-                      f"refuse them (fade_kernels.io.import_gptq reads them)", stacklevel=2)
+        notes.append(f"{len(ragged)} layers have N not a multiple of 32 ({ragged[0]}, ...): their qzeros are written "
+                     f"zero-padded to ceil(N/32)*bits words; AutoGPTQ/GPTQModel allocate N//32*bits and will "
+                     f"refuse them (fade_kernels.io.import_gptq reads them)")
     if zero_z:
-        warnings.warn(f"{len(zero_z)} layers have zero points equal to 0 ({zero_z[0]}, ...): GPTQ v1 stores them "
-                      f"as 2^bits - 1, which readers that add 1 without masking (AutoGPTQ kernels) decode as 2^bits; "
-                      f"zero_point_format='v2' avoids this", stacklevel=2)
+        notes.append(f"{len(zero_z)} layers have zero points equal to 0 ({zero_z[0]}, ...): GPTQ v1 stores them "
+                     f"as 2^bits - 1, which readers that add 1 without masking (AutoGPTQ kernels) decode as 2^bits; "
+                     f"zero_point_format='v2' avoids this")
+    write_model_files(model, directory, qconfig, state_dict=state_dict)
+    with open(directory / QUANTIZE_CONFIG_NAME, "w", encoding="utf-8") as fh:
+        json.dump(qconfig, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return notes
 
+
+def export_gptq(model_or_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
+                zero_point_format: str = "v1", quant_config: dict | Any | None = None) -> Path:
+    """Write a GPTQ-format checkpoint of a QuantLinear model (or of a save_quantized directory).
+
+    zero_point_format: "v1" (checkpoint_format "gptq", AutoGPTQ's z - 1, the most widely read)
+        or "v2" (checkpoint_format "gptq_v2", z as stored). quant_config: extra run settings,
+        as for save_quantized. Written atomically (see atomic_directory); also writes
+        quantize_config.json for AutoGPTQ-era loaders. Returns out_dir. For a checkpoint vLLM
+        loads, use fade_kernels.io.export.export_checkpoint(..., format="gptq").
+    """
+    if zero_point_format not in ZERO_POINT_FORMATS:
+        raise ValueError(f"zero_point_format must be one of {sorted(ZERO_POINT_FORMATS)}, got {zero_point_format!r}")
+    model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_quantized(model_or_dir)
     with atomic_directory(out_dir) as tmp:
-        write_model_files(model, tmp, qconfig, state_dict=state_dict)
-        with open(tmp / QUANTIZE_CONFIG_NAME, "w", encoding="utf-8") as fh:
-            json.dump(qconfig, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        notes = write_gptq(model, tmp, zero_point_format, quant_config)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return Path(out_dir)
 
 
@@ -304,7 +354,9 @@ def import_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             except ValueError as exc:
                 raise CheckpointError(f"{origin.get(key, root)}: {key}: {exc}") from exc
             bias = tensors.get(f"{name}.bias")
-            if bias is not None and bias.is_floating_point() and bias.dtype != torch.float32:
+            if bias is not None and layer.bias is None and bias.is_floating_point() and not bool(bias.any()):
+                del tensors[f"{name}.bias"]  # the zero k_proj bias vLLM needs (write_gptq(for_vllm=True))
+            elif bias is not None and bias.is_floating_point() and bias.dtype != torch.float32:
                 tensors[f"{name}.bias"] = bias.float()  # GPTQ tools store fp16 bias; QuantLinear keeps fp32
 
     fade_config = {

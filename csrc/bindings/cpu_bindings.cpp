@@ -49,8 +49,17 @@ int64_t check_tiled(const at::Tensor& words, const at::Tensor& scales, const at:
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                    const at::Tensor& dsum, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
-                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols) {
+                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols,
+                   const c10::optional<at::Tensor>& words_q8) {
   const int64_t K = check_tiled(words, scales, zeros, bits, group_size, out_features);
+  if (words_q8.has_value() && words_q8->defined()) {
+    check_cpu_contiguous(*words_q8, "words_q8");
+    check_dtype(*words_q8, "words_q8", at::kInt);
+    TORCH_CHECK(words_q8->sizes() == words.sizes(), "words_q8 must have the shape of words ", words.sizes(), ", got ",
+                words_q8->sizes());
+    TORCH_CHECK(group_size <= fade::cpu::kQ8MaxGroup, "group_size must be at most ", fade::cpu::kQ8MaxGroup,
+                " for the int8 kernel, got ", group_size);
+  }
   check_cpu_contiguous(dsum, "dsum");
   check_dtype(dsum, "dsum", at::kShort);
   TORCH_CHECK(dsum.sizes() == scales.sizes(), "dsum must have shape ", scales.sizes(), ", got ", dsum.sizes());
@@ -71,7 +80,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tenso
               "path must be 'auto', 'fused' or 'dequant', got '", path, "'");
   TORCH_CHECK(chunk_cols >= 0, "chunk_cols must be >= 0 (0 = automatic), got ", chunk_cols);
   return fade::cpu::qmatmul(x, words, scales, zeros, dsum, bias, bits, group_size, out_features, path, fused_max_m,
-                            chunk_cols);
+                            chunk_cols, words_q8);
 }
 
 at::Tensor dequantize_t(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
@@ -180,7 +189,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TILE_N") = kTileN;
   m.def("qmatmul", &qmatmul, "y[M,N] = x[M,K] @ dequant(tiled W)^T + bias", py::arg("x"), py::arg("words"),
         py::arg("scales"), py::arg("zeros"), py::arg("dsum"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
-        py::arg("out_features"), py::arg("path") = "auto", py::arg("fused_max_m") = 32, py::arg("chunk_cols") = 0);
+        py::arg("out_features"), py::arg("path") = "auto", py::arg("fused_max_m") = 32, py::arg("chunk_cols") = 0,
+        py::arg("words_q8") = py::none());
+  m.def("q8_native", &fade::cpu::q8_native, "the active family's int8-activation kernel uses VNNI on this CPU");
+  m.def("quantize_activations_q8", [](const at::Tensor& x, int64_t group_size) {
+          TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor, got shape ", x.sizes());
+          TORCH_CHECK(group_size > 0 && group_size <= fade::cpu::kQ8MaxGroup && x.size(1) % group_size == 0,
+                      "group_size=", group_size, " must divide K=", x.size(1), " and be at most ", fade::cpu::kQ8MaxGroup);
+          return fade::cpu::quantize_activations_q8(x, group_size);
+        }, "the int8 kernels' activation quantizer: (q int8 [M,K], scale fp32 [M,G], sum int32 [M,G])",
+        py::arg("x"), py::arg("group_size"));
   m.def("dequantize_t", &dequantize_t, "W^T float32 [K, N] from the tiled layout", py::arg("words"),
         py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("out_features"));
   m.def("active_isa", &fade::cpu::active_isa, "kernel family in use: 'avx512', 'avx2' or 'scalar'");

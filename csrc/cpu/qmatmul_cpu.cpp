@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <vector>
+#include <cmath>
+#include <algorithm>
 
 #include <ATen/Parallel.h>
 
@@ -24,6 +27,16 @@ bool cpu_has(Isa isa) {
   // libgcc's cpu model also checks XCR0, i.e. that the OS saves the wider registers.
   if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
   if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return isa == kScalar;
+}
+
+// Whether the int8-activation kernel of a family runs natively (vpdpbusd) on this CPU. The
+// portable family always can (plain C++).
+bool cpu_has_q8(Isa isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == kAvx512) return cpu_has(kAvx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  if (isa == kAvx2) return cpu_has(kAvx2) && __builtin_cpu_supports("avxvnni");
 #endif
   return isa == kScalar;
 }
@@ -135,6 +148,70 @@ void prepare_activations(const T* x, int64_t M, int64_t K, int64_t group_size, i
   }
 }
 
+// Source code (0..31 within the run) of each activation byte of a run, in the order the int8
+// kernels read them (qmatmul_cpu.h): 32 bytes at 4-bit, 40 at 3-bit.
+constexpr int8_t kQ8Order4[32] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                  16, 18, 20, 22, 17, 19, 21, 23, 24, 26, 28, 30, 25, 27, 29, 31};
+constexpr int8_t kQ8Order3[40] = {0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27,       // word 0: A, B, C lo
+                                  4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31,       // word 1: A, B, C lo
+                                  8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27,     // word 2: A, B, C hi (bit 6)
+                                  28, 29, 30, 31};                                  //         C hi (bit 7)
+
+// One group of n activations to int8: q = round_half_even(x * (127 / max|x|)); returns the
+// scale max|x| / 127 (0 for an all-zero group, whose codes are then 0) and writes Σ q to *sum.
+// The torch statement of the same rounding is fade_kernels.ops.reference.quantize_activations_q8.
+// No contraction of x * inv + kRound into an FMA (which would round differently) in any build.
+__attribute__((optimize("fp-contract=off"))) inline float quantize_group_q8(const float* x, int64_t n, int8_t* q,
+                                                                            int32_t* sum) {
+  // Written so that the compiler vectorizes it with the baseline ISA (this file is built without
+  // -mavx*): a max reduction in the maxps form, and rounding by the 1.5 * 2^23 trick, which rounds
+  // half to even in the default rounding mode for |v| <= 2^22 (here |v| <= 127); calling
+  // nearbyintf per element cost ~5 ns each, 25 µs per call at K = 5120.
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = std::fabs(x[k]);
+    amax = a > amax ? a : amax;
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
+  int32_t s = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    float v = (x[k] * inv + kRound) - kRound;
+    v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+    q[k] = int8_t(int32_t(v));
+    s += q[k];
+  }
+  *sum = s;
+  return amax / 127.f;
+}
+
+// x -> the int8 kernels' activation bytes, group scales and group sums (Q8Args layouts).
+template <typename T>
+void prepare_q8(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, int8_t* xq, float* xscale,
+                float* xsum) {
+  const int64_t G = K / group_size, rb = q8_run_bytes(bits), K8 = K / 32 * rb;
+  const int8_t* order = bits == 3 ? kQ8Order3 : kQ8Order4;
+  float xf[kQ8MaxGroup];
+  int8_t qg[kQ8MaxGroup];
+  for (int64_t m0 = 0; m0 < M; m0 += kQ8RowBlock) {
+    const int64_t mrb = std::min<int64_t>(kQ8RowBlock, M - m0);
+    for (int64_t i = 0; i < mrb; ++i) {
+      const T* xr = x + (m0 + i) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t k = 0; k < group_size; ++k) xf[k] = to_float(xr[g * group_size + k]);
+        int32_t sum;
+        xscale[m0 * G + g * mrb + i] = quantize_group_q8(xf, group_size, qg, &sum);
+        xsum[m0 * G + g * mrb + i] = float(sum);
+        for (int64_t r = 0; r < group_size / 32; ++r) {
+          const int64_t run = g * (group_size / 32) + r;
+          int8_t* dst = xq + m0 * K8 + (run * mrb + i) * rb;
+          for (int64_t b = 0; b < rb; ++b) dst[b] = qg[r * 32 + order[b]];
+        }
+      }
+    }
+  }
+}
+
 void run_gemv(const QGemvArgs& a, int64_t T, int isa) {
   // Large M: sweep the columns once per pass of rows whose pre-scaled activations fit in L2
   // (~384 KB of the 1-2 MB), so every column tile re-reads them from L2 rather than L3/DRAM,
@@ -218,6 +295,53 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& words, const at::Tensor&
   return x.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
 }
 
+at::Tensor fused_q8(const at::Tensor& x, const at::Tensor& words_q8, const at::Tensor& scales, const at::Tensor& zeros,
+                    const c10::optional<at::Tensor>& bias, int bits, int64_t group_size, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, T = words_q8.size(0);
+  const int64_t K8 = K / 32 * q8_run_bytes(bits);
+  // One scratch allocation: int8 activation bytes, then (16-byte aligned) scales and sums.
+  const int64_t qbytes = (M * K8 + 15) / 16 * 16;
+  at::Tensor scratch = at::empty({qbytes + 2 * M * G * int64_t(sizeof(float))}, x.options().dtype(at::kByte));
+  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
+  float* xscale = reinterpret_cast<float*>(scratch.data_ptr<uint8_t>() + qbytes);
+  float* xsum = xscale + M * G;
+  if (x.scalar_type() == at::kFloat) prepare_q8(x.data_ptr<float>(), M, K, group_size, bits, xq, xscale, xsum);
+  else if (x.scalar_type() == at::kBFloat16) prepare_q8(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, xq, xscale, xsum);
+  else prepare_q8(x.data_ptr<at::Half>(), M, K, group_size, bits, xq, xscale, xsum);
+
+  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  Q8Args a;
+  a.xq = xq;
+  a.K8 = K8;
+  a.xscale = xscale;
+  a.xsum = xsum;
+  a.words = words_q8.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.zeros = zeros.data_ptr<uint8_t>();
+  a.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.ldy = N;
+  a.y_bf16 = out_bf16;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.G = G;
+  a.group_size = group_size;
+  a.bits = bits;
+  const int isa = isa_slot().load(std::memory_order_relaxed);
+  const bool native = cpu_has_q8(Isa(isa));
+  // Same work split as the fp32 kernel: columns across threads once each has enough work.
+  const int64_t work_per_tile = K * kTileN * M;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work_per_tile, 1));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    if (native && isa == kAvx512) q8_tiles_avx512(a, t0, t1);
+    else if (native && isa == kAvx2) q8_tiles_avxvnni(a, t0, t1);
+    else q8_tiles_scalar(a, t0, t1);
+  });
+  return x.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
+}
+
 // Columns per dequantized chunk: the whole W^T when it is at most ~32 MB (one GEMM call is the
 // fastest and the buffer is no larger than a 1500 x 5120 activation), else the widest multiple of
 // kTileN that fits, so memory stays bounded for huge layers.
@@ -290,6 +414,21 @@ bool cpu_has_bf16_dot() {
 #endif
 }
 
+bool q8_native() { return cpu_has_q8(Isa(isa_slot().load())); }
+
+std::vector<at::Tensor> quantize_activations_q8(const at::Tensor& x, int64_t group_size) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), G = K / group_size;
+  at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, G}, xf.options());
+  at::Tensor sum = at::empty({M, G}, xf.options().dtype(at::kInt));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      scale[m][g] = quantize_group_q8(xf.data_ptr<float>() + m * K + g * group_size, group_size,
+                                      q.data_ptr<int8_t>() + m * K + g * group_size, sum.data_ptr<int32_t>() + m * G + g);
+  return {q, scale, sum};
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (int i = 2; i >= 0; --i)
@@ -306,9 +445,12 @@ void set_isa(const std::string& name) {
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                    const at::Tensor& dsum, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
-                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols) {
+                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols,
+                   const c10::optional<at::Tensor>& words_q8) {
   const bool use_fused = path == "fused" || (path == "auto" && x.size(0) <= fused_max_m);
   if (x.size(0) == 0) return at::empty({0, out_features}, x.options());
+  if (use_fused && words_q8.has_value() && words_q8->defined())
+    return fused_q8(x, *words_q8, scales, zeros, bias, int(bits), group_size, out_features);
   if (use_fused) return fused(x, words, scales, dsum, bias, int(bits), group_size, out_features);
   return dequant_gemm(x, words, scales, zeros, bias, int(bits), group_size, out_features, chunk_cols);
 }

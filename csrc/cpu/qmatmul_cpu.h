@@ -59,6 +59,63 @@ void qgemv_tiles_avx512(const QGemvArgs& a, int64_t t0, int64_t t1);
 void qgemv_tiles_avx2(const QGemvArgs& a, int64_t t0, int64_t t1);
 void qgemv_tiles_scalar(const QGemvArgs& a, int64_t t0, int64_t t1);
 
+// ---- int8-activation kernel (small M) ------------------------------------------------------
+//
+// Each kernel group of activations (the same inputs that share a weight scale, at most 128) is
+// quantized once per call to int8 with its own scale, ggml "Q8" style:
+//     s_x = max|x| / 127,   xq = round_half_even(x * (127 / max|x|)) in [-127, 127]
+// and the codes (unsigned, 0 .. 2^b - 1) meet the activations in integer dot products
+// (vpdpbusd: u8 x s8, four products per 32-bit lane, int32 accumulate). Per group and column:
+//     y += s_w * s_x * (Σ xq * q  -  z * Σ xq)
+// The bracket is an exact integer (|.| < 2^18, exact in fp32, so the FMA that forms it is exact):
+// no cancellation, whatever the mean of x. The only extra error is the rounding of x to xq:
+//     |Δy| <= Σ_groups s_x/2 * Σ_{k in group} |w_dequant[k]|  (see fade_kernels/ops/cpu.py).
+//
+// Code bytes per 32-bit lane (one lane = one output column):
+//   4-bit: the GPTQ word itself. Byte j holds codes 2j (low nibble) and 2j+1 (high nibble), so
+//     w & 0x0F0F0F0F gives codes 0,2,4,6 and w & 0xF0F0F0F0 gives 16 * codes 1,3,5,7 (kept in
+//     a second accumulator, shifted down by 4 once per group: exact).
+//   3-bit: a load-time repack of each 32-code run into 3 words ("q8 layout", repack_q8_3bit in
+//     fade_kernels/ops/cpu.py). Byte j (j = 0..11) of the run holds code j at bits 0-2 ("A") and
+//     code 12+j at bits 3-5 ("B"); bits 6-7 of bytes 0-3 / 4-7 hold the low two bits of codes
+//     24-27 / 28-31 ("C lo"); bits 6 and 7 of bytes 8-11 hold the high bit of codes 24-27 and
+//     28-31 ("C hi"). Ten masked dot products per run, each into the accumulator of its bit
+//     position P (value = 2^P * contribution): A 0, B 3, C hi (bit 6) 4, C hi (bit 7) 5, C lo 6.
+//
+// Activation bytes, per row block of mr rows, run-major then row: xq[run][m][kQ8Bytes(bits)]
+// at xq + m0 * K8 + (run * mr + m) * bytes, with the bytes of one run in the order the
+// kernel's dot products read them (q8_order in qmatmul_cpu.cpp):
+//   4-bit (32 bytes): per word i: x[8i + 0,2,4,6], x[8i + 1,3,5,7]
+//   3-bit (40 bytes): per word w: A x[4w..4w+3], B x[12+4w..], then C lo x[24..27] (w = 0),
+//                     x[28..31] (w = 1), and for w = 2 C hi x[24..27], x[28..31]
+constexpr int q8_run_bytes(int bits) { return bits == 3 ? 40 : 32; }
+// Largest activation group of the int8 kernels (a stack buffer; kernel groups are <= 128).
+constexpr int kQ8MaxGroup = 1024;
+
+struct Q8Args {
+  const int8_t* xq;      // see above; row block m0 starts at xq + m0 * K8 (K8 = K / 32 * q8_run_bytes)
+  int64_t K8;
+  const float* xscale;   // block at row m0: xscale[m0 * G + g * mr + (m - m0)] = s_x of group g
+  const float* xsum;     // same layout: Σ xq over group g (an integer, exact in fp32)
+  const int32_t* words;  // [T, Kw, kTileN]: GPTQ words (4-bit) or the q8 layout (3-bit)
+  const uint16_t* scales;  // [T, G, kTileN] fp16 bits
+  const uint8_t* zeros;    // [T, G, kTileN]
+  const float* bias;     // [N] or nullptr
+  void* y;               // [M, ldy] fp32, or bf16 bits when y_bf16
+  int64_t ldy;
+  bool y_bf16;
+  int64_t M, K, N, G, group_size;
+  int bits;
+};
+
+// Rows per block of the int8 kernels (their register tile height).
+constexpr int kQ8RowBlock = 4;
+
+// y[:, tiles t0..t1) for column tiles [t0, t1): AVX-512 VNNI, AVX-VNNI (256-bit) and portable.
+void q8_tiles_avx512(const Q8Args& a, int64_t t0, int64_t t1);
+void q8_tiles_avxvnni(const Q8Args& a, int64_t t0, int64_t t1);
+void q8_tiles_scalar(const Q8Args& a, int64_t t0, int64_t t1);
+
 // Arguments of the tile dequantizer used for large M (then a dense GEMM).
 struct DequantArgs {
   const int32_t* words;    // [T, Kw, kTileN]

@@ -28,11 +28,19 @@ bool cpu_has_bf16_dot();
 //   dsum   int16   [T, G, 32]                              Σ (q − z) per kernel group
 //   bias   float32 [N] or undefined
 // path: "fused" (GEMV kernel), "dequant" (dequantize column chunks + dense GEMM) or "auto"
-// (fused when M <= fused_max_m). chunk_cols: columns of W dequantized per GEMM call on the
+// (fused when M <= fused_max_m). words_q8: when given, the fused path is the int8-activation
+// kernel on these words (qmatmul_cpu.h: the tiled words at 4-bit, the q8 layout at 3-bit). chunk_cols: columns of W dequantized per GEMM call on the
 // dequant path (0 = automatic). Returns [M, N] in x's dtype.
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                    const at::Tensor& dsum, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
-                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols);
+                   const std::string& path, int64_t fused_max_m, int64_t chunk_cols,
+                   const c10::optional<at::Tensor>& words_q8);
+
+// Whether the active family's int8-activation kernel runs natively (VNNI) on this CPU.
+bool q8_native();
+// The int8 kernels' activation quantizer on x float [M, K] (K a multiple of group_size):
+// {q int8 [M, K], scale float32 [M, K/group_size], sum int32 [M, K/group_size]} (tests).
+std::vector<at::Tensor> quantize_activations_q8(const at::Tensor& x, int64_t group_size);
 
 // W^T as float32 [K, N] from the tiled layout (the large-M path's dequantizer, exposed for tests).
 at::Tensor dequantize_t(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,

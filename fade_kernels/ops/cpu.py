@@ -45,7 +45,7 @@ import weakref
 import torch
 
 from fade_kernels.ops.registry import Backend, register_backend
-from fade_kernels.packing import pack_qzeros, padded_width, unpack_codes, unpack_qzeros
+from fade_kernels.packing import pack_codes, pack_qzeros, padded_width, unpack_codes, unpack_qzeros
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,39 @@ if _C is not None:
     FUSED_MAX_M_BF16 = _env_int("FADE_CPU_FUSED_MAX_M_BF16", 48 if _C.cpu_has_bf16_dot() else FUSED_MAX_M)
 else:
     FUSED_MAX_M = FUSED_MAX_M_BF16 = 0
+
+
+ACTIVATION_MODES = ("auto", "int8", "fp32")
+
+
+def _env_mode() -> str:
+    value = os.environ.get("FADE_CPU_ACTIVATIONS", "auto")
+    if value not in ACTIVATION_MODES:
+        logger.warning("ignoring FADE_CPU_ACTIVATIONS=%r: not one of %s; using 'auto'", value, ACTIVATION_MODES)
+        return "auto"
+    return value
+
+
+ACTIVATIONS = _env_mode()
+"""Default activation mode of the fused kernel (FADE_CPU_ACTIVATIONS): "auto", "int8" or "fp32"."""
+
+INT8_MAX_M = _env_int("FADE_CPU_INT8_MAX_M", 8)
+"""Largest M that activations="auto" sends to the int8 kernel (FADE_CPU_INT8_MAX_M)."""
+
+# Whether the active kernel family's int8 kernel runs on VNNI here (refreshed by set_isa).
+_Q8_NATIVE = [bool(_C is not None and _C.q8_native())]
+
+
+def set_isa(name: str) -> None:
+    """Force a kernel family ("avx512", "avx2" or "scalar"; tests and benchmarks drive every path)."""
+    _require_ext()
+    _C.set_isa(name)
+    _Q8_NATIVE[0] = bool(_C.q8_native())
+
+
+def int8_native() -> bool:
+    """Whether activations="auto" may pick the int8 kernel: the active family runs it on VNNI."""
+    return _Q8_NATIVE[0]
 
 
 def fused_max_m(dtype: torch.dtype) -> int:
@@ -215,6 +248,38 @@ def unpack_from_cpu(packed: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return qweight, pack_qzeros(zeros_ng, bits), scales
 
 
+def repack_q8_3bit(qweight: torch.Tensor) -> torch.Tensor:
+    """3-bit qweight int32 [K*3/32, N] (GPTQ layout) -> the same words in the int8 kernel's layout.
+
+    Per column and 32-code run (3 words, 12 bytes; csrc/cpu/qmatmul_cpu.h): byte j holds code j at
+    bits 0-2 and code 12+j at bits 3-5; bits 6-7 of bytes 0-7 hold the low two bits of code 24+j;
+    bits 6 and 7 of byte 8+i (i = 0..3) hold the high bit of codes 24+i and 28+i.
+    """
+    codes = unpack_codes(qweight, 3, dim=0).to(torch.int64)                 # [K, N]
+    k, n = codes.shape
+    runs = codes.reshape(k // 32, 32, n)
+    a, b, c = runs[:, :12], runs[:, 12:24], runs[:, 24:]                   # [R, 12|12|8, N]
+    byte = a | (b << 3)
+    byte[:, :8] |= (c & 3) << 6
+    byte[:, 8:] |= ((c[:, :4] >> 2) << 6) | ((c[:, 4:] >> 2) << 7)
+    words = byte.reshape(k // 32, 3, 4, n)
+    words = words[:, :, 0] | (words[:, :, 1] << 8) | (words[:, :, 2] << 16) | (words[:, :, 3] << 24)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.reshape(k // 32 * 3, n).to(torch.int32)
+
+
+def unpack_q8_3bit(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of repack_q8_3bit: the q8-layout words int32 [K*3/32, N] -> GPTQ qweight int32 [K*3/32, N]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    kw, n = w.shape
+    byte = torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=1)   # [Kw, 4, N]
+    byte = byte.reshape(kw // 3, 12, n)
+    a, b = byte & 7, (byte >> 3) & 7
+    c = (byte[:, :8] >> 6) | (torch.cat([(byte[:, 8:] >> 6) & 1, byte[:, 8:] >> 7], dim=1) << 2)
+    codes = torch.cat([a, b, c], dim=1).reshape(kw // 3 * 32, n)
+    return pack_codes(codes, 3, dim=0)
+
+
 def check_trivial_g_idx(g_idx: torch.Tensor | None, in_features: int, group_size: int) -> None:
     """Raise unless g_idx is None or arange(K) // group_size (the only order the kernels read).
 
@@ -238,9 +303,9 @@ class _QMatmulFn(torch.autograd.Function):
     """Gradient with respect to x only (the packed weight is frozen): dx = dy @ W_hat."""
 
     @staticmethod
-    def forward(ctx, x2, packed, bias, path):  # noqa: D401
+    def forward(ctx, x2, packed, bias, path, activations):  # noqa: D401
         ctx.packed = packed
-        return _run(x2, packed, bias, path)
+        return _run(x2, packed, bias, path, activations)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -248,23 +313,47 @@ class _QMatmulFn(torch.autograd.Function):
         w_t = _C.dequantize_t(p["words"], p["scales"], p["zeros"], p["bits"], p["kernel_group"],
                               p["out_features"])                               # [K, N] fp32
         grad_x = grad_y.float() @ w_t.t()                                      # [M, K]
-        return grad_x.to(grad_y.dtype), None, None, None
+        return grad_x.to(grad_y.dtype), None, None, None, None
 
 
-def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+def _words_q8(packed: dict) -> torch.Tensor:
+    """The int8 kernel's words: the tiled words themselves at 4-bit, the q8 layout at 3-bit (built on
+    first use and kept in the dict: a second copy of the 3-bit words)."""
+    words = packed.get("words_q8")
+    if words is None:
+        if packed["bits"] == 4:
+            words = packed["words"]
+        else:
+            qweight = _untile(packed["words"], packed["out_features"])
+            words = _tile(repack_q8_3bit(qweight), torch.int32)
+        packed["words_q8"] = words
+    return words
+
+
+def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
+         activations: str | None = None) -> torch.Tensor:
+    mode = activations or ACTIVATIONS
+    m = x2.shape[0]
+    int8 = mode == "int8" or (mode == "auto" and _Q8_NATIVE[0] and m <= INT8_MAX_M)
     return _C.qmatmul(x2, packed["words"], packed["scales"], packed["zeros"], packed["dsum"], bias, packed["bits"],
-                      packed["kernel_group"], packed["out_features"], path, fused_max_m(x2.dtype))
+                      packed["kernel_group"], packed["out_features"], path, fused_max_m(x2.dtype), 0,
+                      _words_q8(packed) if int8 else None)
 
 
 def cpu_forward_packed(x: torch.Tensor, packed: dict, bias: torch.Tensor | None = None,
-                       path: str = "auto") -> torch.Tensor:
+                       path: str = "auto", activations: str | None = None) -> torch.Tensor:
     """y = x @ W_hat^T + bias from a repack_for_cpu result.
 
     x float32/bfloat16/float16 (..., K) on CPU; bias float (N,) or None. Returns (..., N) in x's
     dtype. path: "auto" (fused when M <= fused_max_m(x.dtype)), "fused" or "dequant".
+    activations (the fused path): "int8" (quantize each kernel group of x to int8, integer dot
+    products), "fp32" (the fp32-activation kernel), "auto" (int8 when this CPU has VNNI and
+    M <= INT8_MAX_M) or None (the module default ACTIVATIONS, from FADE_CPU_ACTIVATIONS).
     """
     if _C is None:
         _require_ext()
+    if activations is not None and activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {ACTIVATION_MODES} or None, got {activations!r}")
     k = packed["in_features"]
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be in_features={k}, got {x.shape[-1]}")
@@ -274,9 +363,9 @@ def cpu_forward_packed(x: torch.Tensor, packed: dict, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     if x2.requires_grad and torch.is_grad_enabled():
-        y2 = _QMatmulFn.apply(x2, packed, bias, path)
+        y2 = _QMatmulFn.apply(x2, packed, bias, path, activations)
     else:
-        y2 = _run(x2, packed, bias, path)                                      # [M, N]
+        y2 = _run(x2, packed, bias, path, activations)                        # [M, N]
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], packed["out_features"])
 
 

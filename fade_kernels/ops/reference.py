@@ -25,3 +25,20 @@ def reference_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     """y = x @ W_hat^T + bias in x's dtype. x: (..., K) float32/bfloat16/float16 -> (..., N)."""
     weight = dequantize_weight(qweight, qzeros, scales, g_idx, bits, out_features).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def quantize_activations_q8(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU int8-activation kernel's quantizer, in torch (the definition its C++ must match bit for bit).
+
+    x float (M, K), K a multiple of group_size. Per group of `group_size` consecutive inputs:
+    scale = max|x| / 127 and q = round_half_even(x * (127 / max|x|)) in [-127, 127] (all-zero
+    groups: scale 0, q 0). Returns (q int8 (M, K), scale float32 (M, K / group_size)); x is
+    approximated by q * scale, within scale / 2 per element.
+    """
+    m, k = x.shape
+    xg = x.float().reshape(m, k // group_size, group_size)
+    amax = xg.abs().amax(dim=-1, keepdim=True)                                    # (M, G, 1)
+    # A true division (127.0 / tensor would compute reciprocal(amax) * 127, rounding twice).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xg * inv).clamp(-127, 127).to(torch.int8).reshape(m, k)
+    return q, (amax / 127.0).squeeze(-1)

@@ -7,6 +7,8 @@ roundoff, 4 * 2^-24, of the |x| @ |W|^T magnitude, far below the sqrt(K) * 2^-24
 fp32 dot product; bf16: 2^-8 of the largest output). Activations have a non-zero mean (as GELU
 outputs do), which is what exposes cancellation in a Σ x*q − z*Σx formulation.
 Every kernel family this CPU can run (avx512, avx2, scalar) goes through the same sweep.
+These tests pin the fp32-activation kernel (activations="fp32"); the int8-activation kernel has
+its own error model and tests (test_cpu_q8.py).
 """
 from __future__ import annotations
 
@@ -29,13 +31,19 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU extension not built:
 ISAS = cpu._C.supported_isas() if AVAILABLE else []
 
 
+@pytest.fixture(autouse=True)
+def fp32_activations(monkeypatch):
+    """Every call in this module without an explicit mode uses the fp32-activation kernel."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Force one kernel family for the test, restore the default after."""
     before = cpu._C.active_isa()
-    cpu._C.set_isa(request.param)
+    cpu.set_isa(request.param)
     yield request.param
-    cpu._C.set_isa(before)
+    cpu.set_isa(before)
 
 
 def make_layer(k: int, n: int, bits: int, group_size: int, sym: bool, bias: bool = True, seed: int = 0):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fade_kernels.ops  # noqa: F401 (registers every backend)
+from fade_kernels.ops import cpu
 from fade_kernels.nn.quant_linear import QuantLinear
 from fade_kernels.ops.custom_op import quant_linear
 from fade_kernels.ops.reference import reference_forward
@@ -96,6 +97,7 @@ def test_compile_fullgraph_eager_backend_uses_the_op(_fresh_seed):
 
 def test_compile_backend_choice_happens_at_run_time(monkeypatch, _fresh_seed):
     """FADE_BACKEND is read inside the op: a compiled model honours (and fails on) it per call."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")  # the CPU kernel that matches torch to fp32 rounding
     gen = torch.Generator().manual_seed(_fresh_seed)
     block = TinyBlock(gen, 3).eval()
     torch._dynamo.reset()

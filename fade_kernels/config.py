@@ -13,6 +13,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 PROPAGATING_METHODS = ("qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 FADE_RULES = ("both", "reliability", "vulnerability")
+# Formats of the tied output projection / token embedding (fade_kernels/nn/head.py).
+HEAD_FORMATS = ("fp32", "bf16", "bits8", "bits4")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class QuantConfig:
     fade_rule: FADE's alpha rule: "both" (reliability + vulnerability, the default) or an
     ablation that keeps one of the two terms.
     awq_grid: number of AWQ exponents searched in [0, 1).
+    head: storage of the output projection and the token embedding tied to it (nn/head.py):
+    "fp32" (unchanged), "bf16", "bits8" or "bits4" (round to nearest, asymmetric, groups of
+    head_group_size columns). Applied after the linears are quantized.
     """
 
     method: str = "gptq"
@@ -46,6 +51,8 @@ class QuantConfig:
     qep_exclude: tuple[str, ...] = ("mlp_out",)
     fade_rule: str = "both"
     awq_grid: int = 20
+    head: str = "fp32"
+    head_group_size: int = 64
 
     @property
     def propagates(self) -> bool:
@@ -74,6 +81,10 @@ class QuantConfig:
             raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
+        if self.head not in HEAD_FORMATS:
+            raise ValueError(f"head must be one of {HEAD_FORMATS}, got {self.head!r}")
+        if self.head_group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"head_group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.head_group_size!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 

@@ -121,6 +121,9 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
             resume.close()
     if resume is not None and not keep_checkpoint:
         resume.clear()
+    from fade_kernels.nn.head import apply_head_format
+
+    apply_head_format(model, config.head, config.head_group_size)   # the tied output projection/embedding
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     report.stage_seconds = {name: round(value, 6) for name, value in timer.seconds.items()}

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fade_kernels.config import EXPORT_FORMATS, FADE_RULES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
+from fade_kernels.config import (EXPORT_FORMATS, FADE_RULES, HEAD_FORMATS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES,
+                                 SUPPORTED_METHODS)
 
 # Methods whose result does not depend on calibration data (everything else needs --calib).
 DATA_FREE_METHODS = ("rtn",)
@@ -130,7 +131,7 @@ def _write_report_dir(report, folder: Path, run_info: dict) -> None:
 def _config_kwargs(args) -> dict:
     """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
     kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
-    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid"):
+    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
@@ -232,7 +233,8 @@ def cmd_eval(args) -> int:
                        f"compute (use fade transcribe for unlabelled audio)")
     model, processor = _load_model(args.model)
     result = evaluate(model, processor, utterances, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, max_utts=args.max_utts)
+                      max_new_tokens=args.max_new_tokens, max_utts=args.max_utts, decoder=args.decoder,
+                      language=args.language)
     print(f"WER {100 * result['wer']:.2f}% on {result['n_utts']} utterances "
           f"({result['audio_seconds'] / 60:.1f} min of audio), RTF {result['rtf']:.3f}")
     for subset, value in sorted(result.get("subsets", {}).items()):
@@ -253,7 +255,7 @@ def cmd_transcribe(args) -> int:
     model, processor = _load_model(args.model)
     start = time.perf_counter()
     texts = transcribe(model, processor, audios, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       progress=False)
+                       progress=False, decoder=args.decoder, language=args.language)
     seconds = time.perf_counter() - start
     for path, text in zip(args.audio, texts):
         print(f"{path}\t{text.strip()}")
@@ -378,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=128, help="bound so a looping hypothesis cannot hang")
     e.add_argument("--json", help="write the full result here")
+    _add_decoding_options(e)
     e.set_defaults(run=cmd_eval)
 
     t = commands.add_parser("transcribe", help="transcribe audio files")
@@ -385,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--max-new-tokens", type=int, default=128)
+    _add_decoding_options(t)
     t.set_defaults(run=cmd_transcribe)
 
     x = commands.add_parser("export", help="write a quantized checkpoint in a format other tools load (vLLM, "
@@ -418,6 +422,20 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         help="comma list of layer roles/names kept at alpha 0 (default mlp_out; '' for none)")
     parser.add_argument("--fade-rule", choices=FADE_RULES, help="FADE alpha rule or ablation (default both)")
     parser.add_argument("--awq-grid", type=int, help="number of AWQ exponents searched (default 20)")
+    parser.add_argument("--head", choices=HEAD_FORMATS,
+                        help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
+                             "8/4-bit round-to-nearest (default: QuantConfig's)")
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Decoder choice shared by eval and transcribe (eval.decode.transcribe's arguments)."""
+    from fade_kernels.eval.decode import DECODERS
+
+    parser.add_argument("--decoder", choices=DECODERS, default="auto",
+                        help="lean: our greedy loop with a static key/value cache (Whisper; same tokens as "
+                             "generate(), faster); generate: transformers' generate(); auto: lean when it applies")
+    parser.add_argument("--language", help="multilingual Whisper: language of the audio (e.g. en, de); default: "
+                                           "the checkpoint's, else detected per utterance")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,8 @@ SUPPORTED_METHODS = tuple(METHODS)
 PROPAGATING_METHODS = tuple(name for name, method in METHODS.items() if method.propagates)
 # Checkpoint formats other tools load that `fade export` writes (fade_kernels.io.export).
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
+# Formats of the tied output projection / token embedding (fade_kernels/nn/head.py).
+HEAD_FORMATS = ("fp32", "bf16", "bits8", "bits4")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class QuantConfig:
     fade_rule: FADE's alpha rule: "both" (reliability + vulnerability, the default) or an
     ablation that keeps one of the two terms.
     awq_grid: number of AWQ exponents searched in [0, 1).
+    head: storage of the output projection and the token embedding tied to it (nn/head.py):
+    "fp32" (unchanged), "bf16", "bits8" or "bits4" (round to nearest, asymmetric, groups of
+    head_group_size columns). Applied after the linears are quantized.
     """
 
     method: str = "gptq"
@@ -90,6 +95,8 @@ class QuantConfig:
     qep_exclude: tuple[str, ...] = ("mlp_out",)
     fade_rule: str = "both"
     awq_grid: int = 20
+    head: str = "fp32"
+    head_group_size: int = 64
 
     @property
     def spec(self) -> Method:
@@ -117,6 +124,10 @@ class QuantConfig:
             raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
+        if self.head not in HEAD_FORMATS:
+            raise ValueError(f"head must be one of {HEAD_FORMATS}, got {self.head!r}")
+        if self.head_group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"head_group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.head_group_size!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 

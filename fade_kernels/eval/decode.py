@@ -212,6 +212,30 @@ def dequantized_linears(model: Any) -> Iterator[int]:
             setattr(parent, child, module)
 
 
+DECODERS = ("auto", "lean", "generate")
+
+
+def _lean_decoder(model: Any, decoder: str):
+    """The WhisperGreedyDecoder to use for `decoder` ("auto", "lean", "generate"), or None for generate()."""
+    from fade_kernels.eval.greedy import WhisperGreedyDecoder, is_whisper, unsupported_generation_settings
+
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "generate":
+        return None
+    why = None if is_whisper(model) else f"{type(model).__name__} is not a Whisper model"
+    if why is None:
+        unsupported = unsupported_generation_settings(model.generation_config)
+        if unsupported:
+            why = f"its generation_config sets {', '.join(unsupported)}"
+    if why is not None:
+        if decoder == "lean":
+            raise ValueError(f"decoder 'lean' cannot decode this model: {why}")
+        log.info("decoding with generate(): %s", why)
+        return None
+    return WhisperGreedyDecoder(model)
+
+
 def transcribe(
     model: Any,
     processor: Any,
@@ -219,18 +243,28 @@ def transcribe(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     progress: bool = True,
+    decoder: str = "auto",
+    language: str | None = None,
+    task: str | None = None,
 ) -> list[str]:
     """Greedy-decode each clip; returns one stripped string per input, in input order.
 
-    audios: list of float32 (n_samples,) at 16 kHz. Clips are batched longest-first (less
-    padding for raw-waveform models; harmless for Whisper's fixed 30 s window).
+    audios: list of float32 (n_samples,) at 16 kHz. Clips are batched longest-first: similar
+    lengths decode to similar token counts, so a batch's rows finish at about the same step
+    (and raw-waveform models get less padding; Whisper's encoder always sees 30 s windows).
     max_new_tokens bounds every hypothesis so a looping decoder cannot hang an evaluation.
+    decoder: "lean" runs Whisper models through eval.greedy.WhisperGreedyDecoder (static
+    key/value cache, same tokens as generate()); "generate" uses the model's generate();
+    "auto" (default) picks "lean" for Whisper models whose generation_config it reproduces.
+    language / task: Whisper prompt tokens for multilingual models (default: the generation
+    config's, else the language is detected per utterance as generate() does).
     """
     import torch
     from tqdm import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lean = _lean_decoder(model, decoder)
     order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))
     hyps: list[str | None] = [None] * len(audios)
     was_training = getattr(model, "training", False)
@@ -244,12 +278,20 @@ def transcribe(
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList(processors)
+            if language is not None:
+                extra["language"] = language
+            if task is not None:
+                extra["task"] = task
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs = prepare_inputs(processor, [audios[i] for i in idx], model)
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     **extra)
-                ids = getattr(out, "sequences", out)
+                if lean is not None:
+                    encoded = model.model.encoder(input_features=inputs["input_features"]).last_hidden_state
+                    ids = lean.generate(encoded, max_new_tokens=max_new_tokens, language=language, task=task)
+                else:
+                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                         **extra)
+                    ids = getattr(out, "sequences", out)
                 for i, text in zip(idx, _batch_decode(processor, ids)):
                     hyps[i] = text
                 bar.update(len(idx))
@@ -269,6 +311,8 @@ def evaluate(
     progress: bool = True,
     dequantize: bool = False,
     audios: Sequence[np.ndarray] | None = None,
+    decoder: str = "auto",
+    language: str | None = None,
 ) -> dict:
     """Transcribe `utterances` (corpus.Utterance: .id, .audio path, .text, .subset) and score.
 
@@ -277,6 +321,7 @@ def evaluate(
     (see dequantized_linears): the same model, faster on CPU, for WER only.
     audios: the already-loaded float32 (n_samples,) clips of `utterances` (after max_utts), to
     skip reading the files again when one evaluation set is decoded many times.
+    decoder, language: as in transcribe().
     Returns wer_report(...) plus n_utts, audio_seconds, decode_seconds (wall time of
     transcribe, excluding file loading), rtf = decode_seconds / audio_seconds, and
     "utterances": [{"id", "subset", "ref", "hyp"}].
@@ -289,7 +334,7 @@ def evaluate(
     audio_seconds = float(sum(a.size for a in audios)) / TARGET_SR
     t0 = time.perf_counter()
     with dequantized_linears(model) if dequantize else contextlib.nullcontext():
-        hyps = transcribe(model, processor, audios, batch_size, max_new_tokens, progress)
+        hyps = transcribe(model, processor, audios, batch_size, max_new_tokens, progress, decoder, language)
     decode_seconds = time.perf_counter() - t0
     # Use the checkpoint's spelling map if its tokenizer has one (e.g. openai/whisper-*).
     report = wer_report(utts, hyps, normalizer=get_normalizer(processor))

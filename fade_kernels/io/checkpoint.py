@@ -156,6 +156,10 @@ def build_quantization_config(model: nn.Module, quant_config: dict | Any | None 
     out.update(extra)
     out.update({"quant_method": FADE_QUANT_METHOD, "checkpoint_format": FADE_CHECKPOINT_FORMAT,
                 "format_version": FORMAT_VERSION, "modules": modules})
+    if hasattr(model, "get_output_embeddings"):
+        from fade_kernels.nn.head import head_format
+
+        out["head"] = head_format(model)         # how the tied output projection/embedding is stored
     return out
 
 
@@ -241,6 +245,10 @@ def write_model_files(model: nn.Module, directory: Path, quantization_config: di
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    from fade_kernels.io.tensor_format import storage_state_dict
+
+    if state_dict is None:
+        state_dict = storage_state_dict(model)   # compact storage of the non-quantized tensors
     model.save_pretrained(directory, state_dict=state_dict, save_original_format=False)
     config_path = directory / CONFIG_NAME
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -611,11 +619,18 @@ def load_model(path: str | os.PathLike, modules: dict[str, dict[str, Any]], conf
         from fade_kernels.io.integrity import verify_checksums
 
         verify_checksums(root)
+    from fade_kernels.io.tensor_format import finish_loaded_model, prepare_model_for_loading
+
     model = build_empty_model(config, source, modules)
+    try:
+        prepare_model_for_loading(model, quantization_config)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
     tensors, origin = read_tensors(root)
     if transform is not None:
         transform(model, tensors, origin)
     load_into(model, tensors, origin, root, dtype)
+    finish_loaded_model(model)
     return finish_model(model, root, quantization_config, dtype, device)
 
 

@@ -116,7 +116,8 @@ def test_transcribe_batches_and_bounds_length(tiny_whisper):
     try:
         rng = np.random.default_rng(0)
         audios = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (16000, 4000, 8000, 12000, 2000)]
-        hyps = transcribe(tiny_whisper, FakeProcessor(), audios, batch_size=2, max_new_tokens=6, progress=False)
+        hyps = transcribe(tiny_whisper, FakeProcessor(), audios, batch_size=2, max_new_tokens=6, progress=False,
+                          decoder="generate")
     finally:
         del tiny_whisper.generate
     assert len(hyps) == 5 and all(isinstance(h, str) for h in hyps)

@@ -185,12 +185,13 @@ def _base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Ten
     if solver.startswith("awq") and (not allow_input_scale or act_mean_abs is None):
         solver = "gptq" if config.method == "awq-gptq" else "rtn"
     if solver == "rtn":
-        codes, scales, zeros = rtn_quantize(stacked, config.bits, config.group_size, config.sym)
+        codes, scales, zeros = rtn_quantize(stacked, config.bits, config.group_size, config.sym, config.clip,
+                                            torch.diagonal(stats.hessian) if config.clip == "hessian" else None)
         return codes, scales, zeros, None
     if solver == "gptq":
         result = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                                act_order=config.act_order, block_size=config.block_size, damp=config.damp,
-                               prepared=_gptq_factor(stats, config, factor_cache))
+                               prepared=_gptq_factor(stats, config, factor_cache), clip=config.clip)
         return result.codes, result.scales, result.zeros, None
     from fade_kernels.solver.awq import awq_quantize
 
@@ -270,7 +271,7 @@ def _fade_alphas(stacked, sizes, correction, stats: GramStats, half_stats, confi
         # GPTQ removes part of the grid noise; measure how much once, at alpha = 0, per layer.
         gptq0 = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                               act_order=config.act_order, block_size=config.block_size, damp=config.damp,
-                              prepared=_gptq_factor(stats, config, factor_cache))
+                              prepared=_gptq_factor(stats, config, factor_cache), clip=config.clip)
         uncorrected = _dequantized(gptq0.codes, gptq0.scales, gptq0.zeros, width)
         err_gptq = _local_error(stacked, uncorrected, stats.hessian)
         err_rtn = _local_error(stacked, rtn0, stats.hessian)

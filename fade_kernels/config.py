@@ -13,6 +13,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 PROPAGATING_METHODS = ("qep", "qep-rtn", "qep-awq", "fade", "fade-rtn")
 FADE_RULES = ("both", "reliability", "vulnerability")
+# How each group's grid range is chosen (solver/grid.py): min-max, or a clipping search.
+CLIP_METHODS = ("minmax", "mse", "hessian")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class QuantConfig:
     fade_rule: FADE's alpha rule: "both" (reliability + vulnerability, the default) or an
     ablation that keeps one of the two terms.
     awq_grid: number of AWQ exponents searched in [0, 1).
+    clip: each group's grid range: "minmax" (the group's min and max), or the shrunk range with
+    the least rounding error, unweighted ("mse") or weighted by the input Hessian's diagonal
+    ("hessian"); used by the RTN and GPTQ solvers, hence by QEP and FADE too.
     """
 
     method: str = "gptq"
@@ -46,6 +51,7 @@ class QuantConfig:
     qep_exclude: tuple[str, ...] = ("mlp_out",)
     fade_rule: str = "both"
     awq_grid: int = 20
+    clip: str = "minmax"
 
     @property
     def propagates(self) -> bool:
@@ -72,6 +78,8 @@ class QuantConfig:
             raise ValueError(f"qep_damp must be positive, got {self.qep_damp!r}")
         if self.fade_rule not in FADE_RULES:
             raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
+        if self.clip not in CLIP_METHODS:
+            raise ValueError(f"clip must be one of {CLIP_METHODS}, got {self.clip!r}")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))

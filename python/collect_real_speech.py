@@ -2,6 +2,11 @@
 """Build the real-speech part of the dev set and merge it with the synthetic dev set.
 
     python python/collect_real_speech.py --fsdd FSDD --synthetic SYNTH --out OUT
+    python python/collect_real_speech.py --snapshot OWNER/NAME=PATH [...] --synthetic SYNTH --out OUT
+
+`--snapshot` adds real read SENTENCES (python/real_sentences.py: Open Speech Repository
+Harvard-sentence recordings cut into sentences, LibriSpeech utterances) from copies of the
+repositories that ship them; --fsdd and --snapshot may be given together or alone.
 
 Real recordings come from the Free Spoken Digit Dataset (FSDD, CC BY-SA 4.0): six male
 speakers with US, Belgian-French, German and Greek accents, each saying every English digit
@@ -52,13 +57,14 @@ TARGET_SR = 16000
 class RepoReader:
     """Read files of a repository copy: a checkout folder or a bare git directory."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, option: str = "--fsdd", marker: str = "recordings"):
+        # option names the command-line argument in errors; marker is a folder every checkout has.
         self.root = Path(root)
         if not self.root.exists():
-            raise FileNotFoundError(f"--fsdd: no such folder: {self.root}")
-        self.checkout = (self.root / "recordings").is_dir()
+            raise FileNotFoundError(f"{option}: no such folder: {self.root}")
+        self.checkout = (self.root / marker).exists()
         if not self.checkout and not (self.root / "HEAD").is_file():
-            raise ValueError(f"--fsdd must be a checkout with recordings/ or a bare git directory, got {self.root}")
+            raise ValueError(f"{option} must be a checkout with {marker} or a bare git directory, got {self.root}")
 
     def read(self, relpath: str) -> bytes:
         if self.checkout:
@@ -175,7 +181,10 @@ def bounded_eval(rows: list[dict], n_synthetic: int, n_real: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fsdd", required=True, help="copy of the free-spoken-digit-dataset repository (checkout or bare git dir)")
+    ap.add_argument("--fsdd", help="copy of the free-spoken-digit-dataset repository (checkout or bare git dir)")
+    ap.add_argument("--snapshot", action="append", default=[], metavar="OWNER/NAME=PATH",
+                    help="copy of a repository holding real sentences (python/real_sentences.py lists them); "
+                         "give every one of them to add the sentence part")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--synthetic", help="folder written by python/make_devset.py, merged into OUT/{calib,eval,all}.jsonl")
     ap.add_argument("--per-cell-calib", type=int, default=10, help="calibration takes per (speaker, digit)")
@@ -186,20 +195,45 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("per_cell_calib", "per_cell_eval"):
         if not 1 <= getattr(args, name) <= 50:
             ap.error(f"--{name.replace('_', '-')} must be in [1, 50] (FSDD has 50 takes per speaker and digit)")
+    if not args.fsdd and not args.snapshot:
+        ap.error("give --fsdd, --snapshot OWNER/NAME=PATH for every sentence repository, or both")
+    snapshots = dict(s.split("=", 1) for s in args.snapshot if "=" in s)
+    if len(snapshots) != len(args.snapshot):
+        ap.error("--snapshot must be OWNER/NAME=PATH")
+    if args.snapshot:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_sentences
+
+        missing = sorted(set(real_sentences.SENTENCE_REPOS) - set(snapshots))
+        if missing:
+            ap.error("--snapshot missing for " + ", ".join(
+                f"{r} (commit {real_sentences.SENTENCE_REPOS[r]['commit']})" for r in missing))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    reader = RepoReader(args.fsdd)
-    entries = plan_fsdd({"calib": args.per_cell_calib, "eval": args.per_cell_eval})
+    entries = plan_fsdd({"calib": args.per_cell_calib, "eval": args.per_cell_eval}) if args.fsdd else []
+    sentence_entries = real_sentences.plan_sentences() if args.snapshot else []
     check_disjoint(entries)
-    rows = write_fsdd(reader, entries, out)
+    rows = []
+    if args.fsdd:
+        reader = RepoReader(args.fsdd)
+        rows += write_fsdd(reader, entries, out)
+    summary = {}
+    if args.snapshot:
+        real_sentences.check_sentence_split(sentence_entries)
+        readers = {repo: RepoReader(path, option=f"--snapshot {repo}", marker=".git") for repo, path in snapshots.items()}
+        sentence_rows, skipped = real_sentences.write_sentences(readers, sentence_entries, out)
+        rows += sentence_rows
+        # Transcripts read from the repositories are known only now: check the whole real part again.
+        check_disjoint(rows)
+        summary["sentences"] = dict(real_sentences.sources_summary(), skipped_files=skipped,
+                                    snapshot_commits={r: readers[r].commit() for r in readers})
     for part in ("calib", "eval"):
         _write_jsonl_atomic([r for r in rows if r["split"] == part], out / f"real-{part}.jsonl")
-    summary = {
-        "fsdd": {"repository": "Jakobovski/free-spoken-digit-dataset", "commit": reader.commit() or FSDD_COMMIT,
-                 "license": FSDD_LICENSE, "speakers": FSDD_SPEAKERS, "digits": FSDD_DIGITS},
-        "real": {p: sum(r["split"] == p for r in rows) for p in ("calib", "eval")},
-        "real_seconds": round(sum(r["duration"] for r in rows), 1),
-    }
+    if args.fsdd:
+        summary["fsdd"] = {"repository": "Jakobovski/free-spoken-digit-dataset", "commit": reader.commit() or FSDD_COMMIT,
+                           "license": FSDD_LICENSE, "speakers": FSDD_SPEAKERS, "digits": FSDD_DIGITS}
+    summary["real"] = {p: sum(r["split"] == p for r in rows) for p in ("calib", "eval")}
+    summary["real_seconds"] = round(sum(r["duration"] for r in rows), 1)
     if args.synthetic:
         summary["merged"] = merge_synthetic(Path(args.synthetic), rows, out)
         merged_eval = [json.loads(line) for line in open(out / "eval.jsonl", encoding="utf-8") if line.strip()]

@@ -31,6 +31,7 @@ HARVARD_FILE = HERE / "harvard_sentences.txt"
 # Repositories read, the commit their files were taken from, and their licences.
 SENTENCE_REPOS = {
     "VishvPatel007/trackle.io": {"commit": "be02ebd6b952b601a8285463125b08640d51b043", "license": "none stated"},
+    "thalesaguiar21/PySpeech": {"commit": "d5cdda7f399e532324a88548b7845852413aed40", "license": "GPL-3.0"},
     "joinly-ai/joinly": {"commit": "59472ff1bb6d74aea210537cfb7f8679732cd08a", "license": "MIT"},
     "lingeshwaran4/AudioSimilarityProject": {"commit": "6761ad34f89c0427858526e71dd09874fe2e696e", "license": "none stated"},
     "Agrover112/Goodness-of-Pronunciation-Pipelines-for-OOV-Problem": {
@@ -47,6 +48,10 @@ LIBRISPEECH_LICENSE = "CC BY 4.0 (LibriSpeech, Panayotov et al. 2015)"
 OSR_FILES = (
     {"osr": "0010", "repo": "VishvPatel007/trackle.io", "path": "OSR_us_000_0010_8k.wav",
      "list": 1, "speaker": "osr-001x", "split": "calib"},
+    {"osr": "0011", "repo": "thalesaguiar21/PySpeech", "path": "tests/voice/OSR_us_000_0011_8k.wav",
+     "list": 2, "speaker": "osr-001x", "split": "calib"},
+    {"osr": "0012", "repo": "thalesaguiar21/PySpeech", "path": "tests/voice/OSR_us_000_0012_8k.wav",
+     "list": 3, "speaker": "osr-001x", "split": "calib"},
     {"osr": "0034", "repo": "joinly-ai/joinly", "path": "tests/data/speech_audio/OSR_us_000_0034_8k.wav",
      "list": 72, "speaker": "osr-003x", "split": "eval"},
     {"osr": "0035", "repo": "lingeshwaran4/AudioSimilarityProject", "path": "OSR_us_000_0035_8k.wav",

@@ -147,3 +147,18 @@ def test_writer_cuts_pairs_and_resamples(rs, tmp_path):
     # A rerun keeps the written audio (resumes) and gives the same rows.
     again, _ = rs.write_sentences({"o/r": reader}, entries, tmp_path / "out")
     assert again == rows
+
+
+def test_cli_names_every_missing_snapshot(rs, tmp_path, capsys):
+    crs = sys.modules["collect_real_speech"]
+    given = next(iter(rs.SENTENCE_REPOS))
+    with pytest.raises(SystemExit):
+        crs.main(["--out", str(tmp_path / "out"), "--snapshot", f"{given}={tmp_path}"])
+    err = capsys.readouterr().err
+    for repo, info in rs.SENTENCE_REPOS.items():
+        if repo != given:
+            assert repo in err and info["commit"] in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        crs.main(["--out", str(tmp_path / "out")])
+    assert "--fsdd" in capsys.readouterr().err

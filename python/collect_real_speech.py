@@ -220,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     if args.snapshot:
         real_sentences.check_sentence_split(sentence_entries)
+        real_sentences.check_not_reserved(sentence_entries)
         readers = {repo: RepoReader(path, option=f"--snapshot {repo}", marker=".git") for repo, path in snapshots.items()}
         sentence_rows, skipped = real_sentences.write_sentences(readers, sentence_entries, out)
         rows += sentence_rows
         # Transcripts read from the repositories are known only now: check the whole real part again.
         check_disjoint(rows)
+        real_sentences.check_not_reserved(sentence_rows)
         summary["sentences"] = dict(real_sentences.sources_summary(), skipped_files=skipped,
                                     snapshot_commits={r: readers[r].commit() for r in readers})
     for part in ("calib", "eval"):

@@ -201,6 +201,28 @@ def plan_sentences(lists: dict[int, list[str]] | None = None) -> list[dict]:
     return entries
 
 
+# Content of recordings reserved for independent checks, which the dev set must not contain in
+# any copy: the Harvard lists that SpeechBrain's test samples read (lists 4, 17, 18, 26, 27, 61,
+# 64), the JFK inaugural clip, and LJSpeech (ids "LJnnn-nnnn").
+RESERVED_HARVARD_LISTS = frozenset({4, 17, 18, 26, 27, 61, 64})
+RESERVED_PHRASES = ("ask not what your country can do for you",)
+
+
+def _normalized(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
+
+
+def check_not_reserved(entries: list[dict]) -> None:
+    """Raise ValueError if an entry reads a reserved Harvard list, contains a reserved phrase or
+    is an LJSpeech clip (see RESERVED_HARVARD_LISTS)."""
+    for e in entries:
+        if e.get("harvard_list") in RESERVED_HARVARD_LISTS:
+            raise ValueError(f"{e['id']}: Harvard list {e['harvard_list']} is reserved for independent checks")
+        text = _normalized(e.get("text") or "")
+        if any(phrase in text for phrase in RESERVED_PHRASES) or e["id"].upper().startswith("LJ"):
+            raise ValueError(f"{e['id']}: a recording reserved for independent checks")
+
+
 def check_sentence_split(entries: list[dict]) -> None:
     """Raise ValueError if a speaker, a transcript or a Harvard list is on both sides."""
     for key in ("speaker", "text", "harvard_list"):

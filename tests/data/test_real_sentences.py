@@ -162,3 +162,16 @@ def test_cli_names_every_missing_snapshot(rs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         crs.main(["--out", str(tmp_path / "out")])
     assert "--fsdd" in capsys.readouterr().err
+
+
+def test_reserved_recordings_are_refused(rs):
+    lists = {n: [f"list {n} sentence {i}" for i in range(10)] for n in range(1, 73)}
+    entries = rs.plan_sentences(lists)
+    rs.check_not_reserved(entries)
+    assert not {f["list"] for f in rs.OSR_FILES} & rs.RESERVED_HARVARD_LISTS
+    base = dict(entries[0], harvard_list=None)
+    for bad in (dict(base, harvard_list=sorted(rs.RESERVED_HARVARD_LISTS)[0]),
+                dict(base, text="And so, my fellow Americans: ask not what your country can do for you"),
+                dict(base, id="LJ001-0001")):
+        with pytest.raises(ValueError, match="reserved"):
+            rs.check_not_reserved(entries + [bad])

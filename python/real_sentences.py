@@ -32,6 +32,7 @@ HARVARD_FILE = HERE / "harvard_sentences.txt"
 SENTENCE_REPOS = {
     "VishvPatel007/trackle.io": {"commit": "be02ebd6b952b601a8285463125b08640d51b043", "license": "none stated"},
     "thalesaguiar21/PySpeech": {"commit": "d5cdda7f399e532324a88548b7845852413aed40", "license": "GPL-3.0"},
+    "naren200/speech-llm-speech": {"commit": "8fede995fc05d0fdf3c60eb0c2b6ee9b54494c23", "license": "none stated"},
     "joinly-ai/joinly": {"commit": "59472ff1bb6d74aea210537cfb7f8679732cd08a", "license": "MIT"},
     "lingeshwaran4/AudioSimilarityProject": {"commit": "6761ad34f89c0427858526e71dd09874fe2e696e", "license": "none stated"},
     "Agrover112/Goodness-of-Pronunciation-Pipelines-for-OOV-Problem": {
@@ -52,12 +53,16 @@ OSR_FILES = (
      "list": 2, "speaker": "osr-001x", "split": "calib"},
     {"osr": "0012", "repo": "thalesaguiar21/PySpeech", "path": "tests/voice/OSR_us_000_0012_8k.wav",
      "list": 3, "speaker": "osr-001x", "split": "calib"},
+    {"osr": "0017", "repo": "naren200/speech-llm-speech", "path": "whisper_asr/samples/OSR_us_000_0017_8k.wav",
+     "list": 3, "speaker": "osr-001x", "split": "calib"},
     {"osr": "0034", "repo": "joinly-ai/joinly", "path": "tests/data/speech_audio/OSR_us_000_0034_8k.wav",
      "list": 72, "speaker": "osr-003x", "split": "eval"},
     {"osr": "0035", "repo": "lingeshwaran4/AudioSimilarityProject", "path": "OSR_us_000_0035_8k.wav",
      "list": 42, "speaker": "osr-003x", "split": "eval"},
     {"osr": "0036", "repo": "lingeshwaran4/AudioSimilarityProject", "path": "OSR_us_000_0036_8k.wav",
      "list": 31, "speaker": "osr-003x", "split": "eval"},
+    {"osr": "0038", "repo": "naren200/speech-llm-speech", "path": "whisper_asr/samples/OSR_us_000_0038_8k.wav",
+     "list": 33, "speaker": "osr-003x", "split": "eval"},
 )
 
 # Single LibriSpeech utterances: repository, audio path, transcript file in that repository

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fade_kernels.config import (EXPORT_FORMATS, FADE_RULES, HEAD_FORMATS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES,
-                                 SUPPORTED_METHODS)
+from fade_kernels.config import (CLIP_METHODS, EXPORT_FORMATS, FADE_RULES, HEAD_FORMATS, SUPPORTED_BITS,
+                                 SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS)
 
 # Methods whose result does not depend on calibration data (everything else needs --calib).
 DATA_FREE_METHODS = ("rtn",)
@@ -131,7 +131,7 @@ def _write_report_dir(report, folder: Path, run_info: dict) -> None:
 def _config_kwargs(args) -> dict:
     """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
     kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
-    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head"):
+    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "clip"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
@@ -421,6 +421,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qep-exclude", metavar="ROLES",
                         help="comma list of layer roles/names kept at alpha 0 (default mlp_out; '' for none)")
     parser.add_argument("--fade-rule", choices=FADE_RULES, help="FADE alpha rule or ablation (default both)")
+    parser.add_argument("--clip", choices=CLIP_METHODS,
+                        help="grid range per group: minmax, or the shrunk range with the least rounding error, "
+                             "unweighted (mse) or Hessian-weighted (hessian) (default minmax)")
     parser.add_argument("--awq-grid", type=int, help="number of AWQ exponents searched (default 20)")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "

@@ -59,6 +59,8 @@ PROPAGATING_METHODS = tuple(name for name, method in METHODS.items() if method.p
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
 # Formats of the tied output projection / token embedding (fade_kernels/nn/head.py).
 HEAD_FORMATS = ("fp32", "bf16", "bits8", "bits4")
+# How each group's grid range is chosen (solver/grid.py): min-max, or a clipping search.
+CLIP_METHODS = ("minmax", "mse", "hessian")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class QuantConfig:
     head: storage of the output projection and the token embedding tied to it (nn/head.py):
     "fp32" (unchanged), "bf16", "bits8" or "bits4" (round to nearest, asymmetric, groups of
     head_group_size columns). Applied after the linears are quantized.
+    clip: each group's grid range: "minmax" (the group's min and max), or the shrunk range with
+    the least rounding error, unweighted ("mse") or weighted by the input Hessian's diagonal
+    ("hessian"); used by the RTN and GPTQ solvers, hence by QEP and FADE too.
     """
 
     method: str = "gptq"
@@ -97,6 +102,7 @@ class QuantConfig:
     awq_grid: int = 20
     head: str = "fp32"
     head_group_size: int = 64
+    clip: str = "minmax"
 
     @property
     def spec(self) -> Method:
@@ -122,6 +128,8 @@ class QuantConfig:
             raise ValueError(f"qep_damp must be positive, got {self.qep_damp!r}")
         if self.fade_rule not in FADE_RULES:
             raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
+        if self.clip not in CLIP_METHODS:
+            raise ValueError(f"clip must be one of {CLIP_METHODS}, got {self.clip!r}")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
         if self.head not in HEAD_FORMATS:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fade_kernels.data.audio import TARGET_SR, load_audio
 from fade_kernels.eval.wer import get_normalizer, wer_report
+from fade_kernels.models.prompt import generate_prompt_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ def transcribe(
         with torch.inference_mode(), _generation_setup(model) as processors, tqdm(
             total=len(audios), desc="decode", unit="utt", disable=not progress, leave=False
         ) as bar:
-            extra = {}
+            # Multilingual checkpoints: force <|en|><|transcribe|> (the prompt calibration uses).
+            extra = generate_prompt_kwargs(model)
             if processors:
                 from transformers import LogitsProcessorList
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fade_kernels.models.prompt import transcription_prompt
+
 # Which mask applies to a group's input rows: the stack's own tokens, or the encoder frames
 # (decoder cross-attention keys/values read the encoder output).
 OWN_TOKENS = "own"
@@ -130,17 +132,7 @@ class WhisperAdapter(ModelAdapter):
         return max(1, min(n_frames, math.ceil(mel_frames / 2)))
 
     def decoder_prompt(self, model, tokenizer):
-        generation = getattr(model, "generation_config", None)
-        start = getattr(generation, "decoder_start_token_id", None) or model.config.decoder_start_token_id
-        prompt = [start]
-        if getattr(generation, "is_multilingual", False):
-            lang = generation.lang_to_id.get("<|en|>")
-            task = generation.task_to_id.get("transcribe")
-            prompt += [t for t in (lang, task) if t is not None]
-        no_timestamps = getattr(generation, "no_timestamps_token_id", None)
-        if no_timestamps is not None:
-            prompt.append(no_timestamps)
-        return prompt
+        return transcription_prompt(model)
 
     def collate_encoder_inputs(self, samples):
         # Every Whisper input is already padded to 30 s of log-mel frames (80|128, 3000).

@@ -34,7 +34,7 @@ import torch
 from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.numerics import check_finite, check_float16_scales, warn_if_all_zero_hessian
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
-from fade_kernels.solver.grid import compute_grid, dequantize_codes, quantize_to_codes
+from fade_kernels.solver.grid import CLIP_METHODS, compute_grid, dequantize_codes, quantize_to_codes
 from fade_kernels.timing import stage
 
 __all__ = ["GPTQResult", "GPTQFactor", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared",
@@ -90,13 +90,15 @@ class SweepResult(NamedTuple):
 
 
 def _sweep_block_torch(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
-                       sym: bool, column_group: list[int] | None) -> torch.Tensor:
+                       sym: bool, column_group: list[int] | None, clip: str = "minmax",
+                       hessian_diag: torch.Tensor | None = None) -> torch.Tensor:
     """The reference in-block loop over sweep columns [i1, i2) (docs/methods.md §3, step 4).
 
     W float32 (N, K) in sweep order, read only here; U float32 (K, K). Writes out.codes[:, i1:i2],
     out.loss, and (without column_group) the grid of every group entered in the block.
-    column_group: the group of each sweep column for static grids, or None. Returns the block's
-    error Err1 float32 (N, i2 - i1) for the lazy update.
+    column_group: the group of each sweep column for static grids, or None. clip, hessian_diag:
+    how each entered group's grid is chosen (grid.compute_grid; hessian_diag float32 (K,) in
+    sweep order). Returns the block's error Err1 float32 (N, i2 - i1) for the lazy update.
     """
     W1 = W[:, i1:i2].clone()
     U1 = U[i1:i2, i1:i2]
@@ -112,7 +114,8 @@ def _sweep_block_torch(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: 
                 # columns from W1, columns past the block (a group wider than the rest of the
                 # block) from W, which has only the lazy updates.
                 group = torch.cat([W1[:, i:i + g], W[:, i2:col + g]], 1)
-                out.scales[:, grp:grp + 1], out.zeros[:, grp:grp + 1] = compute_grid(group, bits, sym)
+                weight = None if hessian_diag is None else hessian_diag[col:col + g]
+                out.scales[:, grp:grp + 1], out.zeros[:, grp:grp + 1] = compute_grid(group, bits, sym, clip, weight)
         s, z = out.scales[:, grp], out.zeros[:, grp]
         w = W1[:, i]
         q = quantize_to_codes(w, s, z, bits)
@@ -137,7 +140,7 @@ def _sweep_block_cpp(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: Sw
 
 def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym: bool = False,
                block_size: int = 128, static_grids: StaticGrids | None = None, impl: str = "torch",
-               isa: str = "auto") -> SweepResult:
+               isa: str = "auto", clip: str = "minmax", hessian_diag: torch.Tensor | None = None) -> SweepResult:
     """Step 4 of GPTQ: the block sweep of W against U, with grids computed on the way.
 
     W: float32 (N, K), columns in sweep order (act-order permuted, dead columns zeroed);
@@ -150,11 +153,17 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
       block, solver/triton_sweep.py; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); all
       three give identical results. "triton" leaves W unmodified.
     isa: for impl="cpp" only: "auto", "avx512", "avx2" or "generic".
+    clip: how a group's grid is chosen when the sweep enters it: "minmax", or a clipping search
+      "mse" / "hessian" (grid.compute_grid), which only the torch loop implements (the fused
+      kernels compute min-max grids in-kernel). hessian_diag: float32 (K,), diag H in sweep
+      order, for clip="hessian".
     Returns a SweepResult (codes in sweep order).
     """
     validate_grid_args(bits, group_size)
     if impl not in ("torch", "cpp", "triton"):
         raise ValueError(f"impl must be 'torch', 'cpp' or 'triton', got {impl!r}")
+    if clip != "minmax" and impl != "torch" and static_grids is None:
+        raise ValueError(f"clip={clip!r} is computed by the torch sweep only; use impl='torch' (got {impl!r})")
     if impl == "triton":
         from fade_kernels.solver.triton_sweep import triton_gptq_sweep
 
@@ -193,7 +202,7 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
         if impl == "cpp":
             Err1 = _sweep_block_cpp(W, U, i1, i2, out, g, bits, sym, groups, isa)
         else:
-            Err1 = _sweep_block_torch(W, U, i1, i2, out, g, bits, sym, groups)
+            Err1 = _sweep_block_torch(W, U, i1, i2, out, g, bits, sym, groups, clip, hessian_diag)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return out
 
@@ -205,7 +214,8 @@ class GPTQFactor(NamedTuple):
 
     dead bool (K,): inputs with diag H == 0 (their weight columns are zeroed). perm int64 (K,):
     the act-order visiting order, or None. upper float32 (K, K): U with U^T U = (H' + lambda I)^-1,
-    H' the dead-fixed H in visiting order. damp, act_order, method: the arguments it was built with."""
+    H' the dead-fixed H in visiting order. damp, act_order, method: the arguments it was built with.
+    diag float32 (K,): diag H' in the original column order (the Hessian-weighted clipping search)."""
 
     dead: torch.Tensor
     perm: torch.Tensor | None
@@ -213,6 +223,7 @@ class GPTQFactor(NamedTuple):
     damp: float
     act_order: bool
     method: str
+    diag: torch.Tensor | None = None
 
 
 def prepare_gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False,
@@ -232,18 +243,19 @@ def prepare_gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bo
     warn_if_all_zero_hessian(dead)
     H[dead, dead] = 1.0
     perm = None
+    diag = torch.diagonal(H).clone()
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
         H = H[perm][:, perm]
     with stage("factorisation"):
         upper = inverse_cholesky_upper(H, damp, method=factor)
-    return GPTQFactor(dead, perm, upper, damp, act_order, factor)
+    return GPTQFactor(dead, perm, upper, damp, act_order, factor, diag)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int = 4, group_size: int = 128,
                   sym: bool = False, act_order: bool = False, block_size: int = 128,
                   damp: float = 0.01, sweep: str = "auto", factor: str = "reversed",
-                  prepared: GPTQFactor | None = None) -> GPTQResult:
+                  prepared: GPTQFactor | None = None, clip: str = "minmax") -> GPTQResult:
     """Quantize one weight matrix (or several stacked ones sharing an input) with GPTQ.
 
     weight: float (N, K), the layer's weight (rows of stacked layers concatenated).
@@ -256,6 +268,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
       Cholesky / cholesky_inverse / Cholesky, ~5n^3/3); equal up to float rounding.
     prepared: prepare_gptq_factor(hessian, damp, act_order, factor) computed once for several
       weights; it must have been built with this call's damp, act_order and factor.
+    clip: "minmax" (default), "mse" or "hessian": how each group's grid is chosen (grid.compute_grid).
+      A clipping search runs in the torch loop ("auto" picks it; "cpp"/"triton" are refused),
+      except with act_order, whose static grids are precomputed and fed to any sweep.
     Returns a GPTQResult; see its docstring for shapes.
     """
     validate_grid_args(bits, group_size)
@@ -285,6 +300,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
         raise ValueError(f"prepared factor was built with damp={prepared.damp}, act_order={prepared.act_order}, "
                          f"factor={prepared.method!r}; this call asks for damp={damp}, act_order={act_order}, "
                          f"factor={factor!r}")
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    in_kernel_grids = clip == "minmax" or act_order
+    if sweep in ("cpp", "triton") and not in_kernel_grids:
+        raise ValueError(f"clip={clip!r} needs sweep='torch' or 'auto' (the fused sweeps compute min-max grids)")
+    if sweep == "auto" and not in_kernel_grids:
+        sweep = "torch"
     if sweep == "auto":
         if weight.device.type == "cuda":
             sweep = "triton"
@@ -297,17 +319,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
     W[:, prepared.dead] = 0.0
 
     perm, static_grids = prepared.perm, None
+    diag = prepared.diag
+    if clip == "hessian" and diag is None:
+        raise ValueError("clip='hessian' needs a factor built by prepare_gptq_factor (it carries diag H)")
     if act_order:
         # Static groups: every grid comes from the original grouping before any update.
         scales = torch.zeros(n_rows, n_groups)
         zeros = torch.zeros(n_rows, n_groups)
         for grp in range(n_groups):
-            scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(W[:, grp * g:(grp + 1) * g], bits, sym)
+            cols = slice(grp * g, (grp + 1) * g)
+            scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(
+                W[:, cols], bits, sym, clip, None if diag is None else diag[cols])
         W = W[:, perm]
         static_grids = StaticGrids(scales, zeros, perm // g)
+    sweep_diag = None
+    if clip == "hessian" and not act_order:
+        sweep_diag = diag.float().contiguous()
 
     with stage("sweep"):
-        swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep)
+        swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep,
+                           clip="minmax" if act_order else clip, hessian_diag=sweep_diag)
     check_float16_scales(swept.scales)   # the fused kernels compute their grids themselves
     codes = swept.codes
     if perm is not None:

@@ -4,6 +4,14 @@ Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) clamped to [0, 2^b 
 Symmetric:  z = 2^(b-1),                s = max|w| / (2^(b-1) - 1).
 Code q = clamp(round(w / s) + z, 0, 2^b - 1); value (q - z) * s.
 
+Clipping (`clip`): min-max puts the extreme weights of a group on the end codes. At 3 bits that
+step is coarse for the bulk of the group, so "mse" and "hessian" search a grid of shrink factors
+p in CLIP_SHRINK (1.0 down to 0.5): the range [p min, p max] (symmetric: p max|w|) gives a
+candidate grid, and each row keeps the candidate with the least squared rounding error over the
+group, unweighted ("mse") or with each column weighted by its Hessian diagonal ("hessian", the
+output energy that column carries). p = 1 is the min-max grid and wins ties, so a search never
+picks a worse grid than min-max under its own error measure.
+
 Scales are rounded to float16 here, at the source, because checkpoints store them as float16:
 the solver then optimises against exactly the grid that inference will use. They round up,
 never down: a scale that shrank would push the group's extreme weights past the last code,
@@ -15,10 +23,14 @@ from typing import NamedTuple
 
 import torch
 
+from fade_kernels.config import CLIP_METHODS
 from fade_kernels.numerics import check_float16_scales
 
 # Smallest positive float16 subnormal: a scale below it would round to 0 in the checkpoint.
 _MIN_FP16_SCALE = 2.0 ** -24
+
+
+CLIP_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
 
 
 class Grid(NamedTuple):
@@ -28,32 +40,71 @@ class Grid(NamedTuple):
     zeros: torch.Tensor
 
 
-def compute_grid(weight: torch.Tensor, bits: int, sym: bool = False) -> Grid:
+def compute_grid(weight: torch.Tensor, bits: int, sym: bool = False, clip: str = "minmax",
+                 column_weight: torch.Tensor | None = None) -> Grid:
     """Grid of one group per row for `weight` float32 (N, g): returns scales, zeros (N, 1).
 
     The asymmetric range always includes 0 so that the clamped integer zero represents it
     exactly (a group entirely above 0 would otherwise lose its top codes to the clamp).
     A row that is all zeros gets scale 1, which dequantizes every code at z back to 0.
+    clip: "minmax" (the group's range), "mse" or "hessian" (the best shrunk range, see the
+    module docstring). column_weight: float32 (g,), the Hessian diagonal of the group's
+    columns; required for clip="hessian", ignored otherwise.
     """
-    maxq = 2 ** bits - 1
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
     w = weight.float()
     if sym:
         amax = w.abs().amax(dim=1, keepdim=True)
-        scales = amax / (2 ** (bits - 1) - 1)
-        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
-        degenerate = amax == 0
+        lo, hi = -amax, amax
     else:
-        wmin = w.amin(dim=1, keepdim=True).clamp(max=0.0)
-        wmax = w.amax(dim=1, keepdim=True).clamp(min=0.0)
-        scales = (wmax - wmin) / maxq
-        degenerate = wmax == wmin
-        zeros = None
+        lo = w.amin(dim=1, keepdim=True).clamp(max=0.0)
+        hi = w.amax(dim=1, keepdim=True).clamp(min=0.0)
+    best = _grid_from_range(lo, hi, bits, sym)
+    if clip == "minmax":
+        return best
+    if clip == "hessian":
+        if column_weight is None or column_weight.shape != (w.shape[1],):
+            raise ValueError(f"clip='hessian' needs column_weight of shape ({w.shape[1]},)")
+        col = column_weight.float().clamp(min=0.0).unsqueeze(0)
+    else:
+        col = None
+    best_err = _rounding_error(w, best, bits, col)
+    for shrink in CLIP_SHRINK[1:]:
+        cand = _grid_from_range(lo * shrink, hi * shrink, bits, sym)
+        err = _rounding_error(w, cand, bits, col)
+        better = err < best_err
+        best = Grid(torch.where(better, cand.scales, best.scales), torch.where(better, cand.zeros, best.zeros))
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool) -> Grid:
+    """Scales and zeros float32 (N, 1) covering [lo, hi] (lo <= 0 <= hi, both (N, 1))."""
+    maxq = 2 ** bits - 1
+    if sym:
+        scales = hi / (2 ** (bits - 1) - 1)
+        degenerate = hi == 0
+    else:
+        scales = (hi - lo) / maxq
+        degenerate = hi == lo
     scales = torch.where(degenerate, torch.ones_like(scales), scales)
     check_float16_scales(scales)
     scales = _round_up_to_float16(scales.clamp(min=_MIN_FP16_SCALE))
-    if zeros is None:
-        zeros = torch.round(-wmin / scales).clamp(0, maxq)
+    if sym:
+        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+    else:
+        zeros = torch.round(-lo / scales).clamp(0, maxq)
     return Grid(scales, zeros)
+
+
+def _rounding_error(w: torch.Tensor, grid: Grid, bits: int, column_weight: torch.Tensor | None) -> torch.Tensor:
+    """Per row sum of (w - dequantized w)^2, each column weighted if given: float32 (N, 1)."""
+    delta = w - dequantize_codes(quantize_to_codes(w, grid.scales, grid.zeros, bits), grid.scales, grid.zeros)
+    sq = delta * delta
+    if column_weight is not None:
+        sq = sq * column_weight
+    return sq.sum(dim=1, keepdim=True)
 
 
 def _round_up_to_float16(values: torch.Tensor) -> torch.Tensor:

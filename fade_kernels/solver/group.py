@@ -67,11 +67,12 @@ def base_solve(stacked: torch.Tensor, stats: GramStats, act_mean_abs: torch.Tens
             solver=method.solver, **kwargs)
         return codes, scales, zeros, input_scale
     if method.solver == "rtn":
-        codes, scales, zeros = rtn_quantize(stacked, config.bits, config.group_size, config.sym)
+        codes, scales, zeros = rtn_quantize(stacked, config.bits, config.group_size, config.sym, config.clip,
+                                            torch.diagonal(stats.hessian) if config.clip == "hessian" else None)
         return codes, scales, zeros, None
     result = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                            act_order=config.act_order, block_size=config.block_size, damp=config.damp,
-                           prepared=gptq_factor(stats, config, factor_cache))
+                           prepared=gptq_factor(stats, config, factor_cache), clip=config.clip)
     return result.codes, result.scales, result.zeros, None
 
 
@@ -146,7 +147,7 @@ def fade_alphas(stacked, sizes, correction, stats: GramStats, half_stats, config
         # GPTQ removes part of the grid noise; measure how much once, at alpha = 0, per layer.
         gptq0 = gptq_quantize(stacked, stats.hessian, bits=config.bits, group_size=config.group_size, sym=config.sym,
                               act_order=config.act_order, block_size=config.block_size, damp=config.damp,
-                              prepared=gptq_factor(stats, config, factor_cache))
+                              prepared=gptq_factor(stats, config, factor_cache), clip=config.clip)
         uncorrected = dequantize_grouped(gptq0.codes, gptq0.scales, gptq0.zeros)
         err_gptq = local_error(stacked, uncorrected, stats.hessian)
         err_rtn = local_error(stacked, rtn0, stats.hessian)

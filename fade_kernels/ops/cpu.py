@@ -393,12 +393,13 @@ def _version(t: torch.Tensor | None) -> int:
 def _cached_repack(qweight, qzeros, scales, g_idx, bits) -> dict:
     # This runs on every decode step: keep the hit path to a few attribute reads.
     key = (id(qweight), id(qzeros), id(scales), id(g_idx))
-    versions = (_version(qweight), _version(qzeros), _version(scales), _version(g_idx))
     entry = _CACHE.get(key)
-    if entry is not None and entry.versions == versions:
+    if entry is not None:
         rw, rz, rs, rg = entry.refs
-        if rw() is qweight and rz() is qzeros and rs() is scales and (rg is None or rg() is g_idx):
+        if rw() is qweight and rz() is qzeros and rs() is scales and (rg is None or rg() is g_idx) and \
+                entry.versions == (_version(qweight), _version(qzeros), _version(scales), _version(g_idx)):
             return entry.packed
+    versions = (_version(qweight), _version(qzeros), _version(scales), _version(g_idx))
     packed = repack_for_cpu(qweight, qzeros, scales, bits)
     check_trivial_g_idx(g_idx, packed["in_features"], packed["group_size"])
     refs = (qweight, qzeros, scales) + ((g_idx,) if g_idx is not None else ())
@@ -424,12 +425,13 @@ def cpu_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     scales float16 [G, N]; g_idx int32 [K] == arange(K) // (K/G) or None; bias float (N,) or None.
     The repack is cached per tensor identity and version (see the module docstring).
     """
-    _require_ext()
-    if qweight.dim() == 2 and qweight.shape[1] != out_features:
-        raise ValueError(f"qweight has {qweight.shape[1]} columns but out_features={out_features}")
-    if x.device.type != "cpu":
+    if _C is None:
+        _require_ext()
+    if not x.is_cpu:
         raise ValueError(f"x must be a CPU tensor for the CPU backend, got device {x.device}")
     packed = _cached_repack(qweight, qzeros, scales, g_idx, bits)
+    if packed["out_features"] != out_features:
+        raise ValueError(f"qweight has {packed['out_features']} columns but out_features={out_features}")
     return cpu_forward_packed(x, packed, bias)
 
 

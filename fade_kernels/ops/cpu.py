@@ -4,13 +4,21 @@ Importing this module registers the backend "cpu" (priority 10) with the registr
 native extension `fade_kernels._C` is missing or fails to load, the backend is registered as
 unavailable with the reason, and nothing raises at import.
 
-Two paths, chosen by the row count M of the flattened activation and its dtype:
-  M <= fused_max_m(dtype)  fused kernel (csrc/cpu/qgemv_simd.inc): reads each packed word once,
-      accumulates Σ x̃*q per group in fp32 over group-centred activations x̃ = x - μ and applies
-      the group's scale and zero term once: y += s * (Σ x̃*q + μ * D), with D = Σ (q - z)
-      precomputed at repack. AVX-512 / AVX2 / portable, picked at run time.
-  larger M  dequantize W^T in column chunks to fp32 (bf16 for bf16 activations) and multiply
-      with torch's dense GEMM (MKL / oneDNN).
+Paths, chosen by the row count M of the flattened activation and its dtype:
+  M <= fused_max_m(dtype)  a fused kernel that reads each packed word once:
+    int8 activations (activations="int8"; "auto" picks it when the CPU has VNNI and
+      M <= INT8_MAX_M): each kernel group of x is quantized once per call to int8 with its own
+      scale, and the codes meet it in integer dot products (vpdpbusd; csrc/cpu/q8_simd.inc):
+      y += s_w * s_x * (Σ xq*q - z * Σ xq), exact in the bracket. Extra error against the fp32
+      dequantized reference: each |x - xq*s_x| <= s_x / 2, so per output
+      |Δy_n| <= Σ_g s_x,g / 2 * Σ_{k in g} |W[n, k]|   (tests/ops/test_cpu_q8.py checks it).
+      AVX-512 VNNI / AVX-VNNI / portable.
+    fp32 activations (csrc/cpu/qgemv_simd.inc): accumulates Σ x̃*q per group in fp32 over
+      group-centred activations x̃ = x - μ and applies the group's scale and zero term once:
+      y += s * (Σ x̃*q + μ * D), with D = Σ (q - z) precomputed at repack. AVX-512 / AVX2 / portable.
+  larger M  F.linear on the layer's dequantized weight kept in a cache (DENSE_CACHE_BYTES, in the
+      GEMM's dtype), or past that budget: dequantize W^T in column chunks to fp32 (bf16 for bf16
+      activations) and multiply with torch's dense GEMM (MKL / oneDNN).
 The fused kernel runs near the FMA peak once M >= 8 (~200 GFLOP/s per Zen 5 core, AVX-512), so
 for fp32 it stays ahead of the dense GEMM wherever MKL runs AVX2 kernels, i.e. on non-Intel CPUs:
 on the Zen 5 test machine it is ~2x faster than fp32 F.linear at M = 1500. The thresholds are set
@@ -115,6 +123,16 @@ ACTIVATIONS = _env_mode()
 
 INT8_MAX_M = _env_int("FADE_CPU_INT8_MAX_M", 8)
 """Largest M that activations="auto" sends to the int8 kernel (FADE_CPU_INT8_MAX_M)."""
+
+DENSE_CACHE_BYTES = _env_int("FADE_CPU_DENSE_CACHE_MB", 1024) << 20
+"""Budget of the large-M dense-weight cache (FADE_CPU_DENSE_CACHE_MB, default 1024; 0 disables it).
+
+Calls on the dequant path (M > fused_max_m) keep each layer's dequantized weight, in the GEMM's
+dtype (float32, or bfloat16 for bfloat16 activations), in the layer's packed dict until the
+budget is spent, and then run exactly F.linear on it: the same GEMM as a dense model, without
+re-dequantizing per call. Layers beyond the budget dequantize per call (dequant + GEMM)."""
+
+_DENSE_CACHED = [0]  # bytes held by the dense-weight cache now
 
 # Whether the active kernel family's int8 kernel runs on VNNI here (refreshed by set_isa).
 _Q8_NATIVE = [bool(_C is not None and _C.q8_native())]
@@ -330,10 +348,40 @@ def _words_q8(packed: dict) -> torch.Tensor:
     return words
 
 
+def _release_dense(nbytes: int) -> None:
+    _DENSE_CACHED[0] -= nbytes
+
+
+def _dense_weight(packed: dict, dtype: torch.dtype) -> torch.Tensor | None:
+    """The cached dequantized weight (N, K) in `dtype`, built on first use within the budget, else None."""
+    dense = packed.get("dense")
+    if dense is not None and dense.dtype == dtype:
+        return dense
+    if dense is not None:  # cached in the other dtype: drop it (its finalizer returns its bytes)
+        del packed["dense"], dense
+    nbytes = packed["in_features"] * packed["out_features"] * (2 if dtype == torch.bfloat16 else 4)
+    if _DENSE_CACHED[0] + nbytes > DENSE_CACHE_BYTES:
+        return None
+    w_t = _C.dequantize_t(packed["words"], packed["scales"], packed["zeros"], packed["bits"],
+                          packed["kernel_group"], packed["out_features"])              # [K, N] fp32, exact
+    dense = w_t.t().to(dtype).contiguous()                                             # [N, K]
+    packed["dense"] = dense
+    _DENSE_CACHED[0] += nbytes
+    weakref.finalize(dense, _release_dense, nbytes)
+    return dense
+
+
 def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
          activations: str | None = None) -> torch.Tensor:
     mode = activations or ACTIVATIONS
     m = x2.shape[0]
+    if path == "auto" and m > fused_max_m(x2.dtype) and DENSE_CACHE_BYTES > 0:
+        # Large M: the dense GEMM on the cached dequantized weight (see DENSE_CACHE_BYTES).
+        gemm_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+        dense = _dense_weight(packed, gemm_dtype)
+        if dense is not None:
+            y = torch.nn.functional.linear(x2.to(gemm_dtype), dense, None if bias is None else bias.to(gemm_dtype))
+            return y.to(x2.dtype)
     int8 = mode == "int8" or (mode == "auto" and _Q8_NATIVE[0] and m <= INT8_MAX_M)
     return _C.qmatmul(x2, packed["words"], packed["scales"], packed["zeros"], packed["dsum"], bias, packed["bits"],
                       packed["kernel_group"], packed["out_features"], path, fused_max_m(x2.dtype), 0,
@@ -393,12 +441,13 @@ def _version(t: torch.Tensor | None) -> int:
 def _cached_repack(qweight, qzeros, scales, g_idx, bits) -> dict:
     # This runs on every decode step: keep the hit path to a few attribute reads.
     key = (id(qweight), id(qzeros), id(scales), id(g_idx))
-    versions = (_version(qweight), _version(qzeros), _version(scales), _version(g_idx))
     entry = _CACHE.get(key)
-    if entry is not None and entry.versions == versions:
+    if entry is not None:
         rw, rz, rs, rg = entry.refs
-        if rw() is qweight and rz() is qzeros and rs() is scales and (rg is None or rg() is g_idx):
+        if rw() is qweight and rz() is qzeros and rs() is scales and (rg is None or rg() is g_idx) and \
+                entry.versions == (_version(qweight), _version(qzeros), _version(scales), _version(g_idx)):
             return entry.packed
+    versions = (_version(qweight), _version(qzeros), _version(scales), _version(g_idx))
     packed = repack_for_cpu(qweight, qzeros, scales, bits)
     check_trivial_g_idx(g_idx, packed["in_features"], packed["group_size"])
     refs = (qweight, qzeros, scales) + ((g_idx,) if g_idx is not None else ())
@@ -424,12 +473,13 @@ def cpu_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     scales float16 [G, N]; g_idx int32 [K] == arange(K) // (K/G) or None; bias float (N,) or None.
     The repack is cached per tensor identity and version (see the module docstring).
     """
-    _require_ext()
-    if qweight.dim() == 2 and qweight.shape[1] != out_features:
-        raise ValueError(f"qweight has {qweight.shape[1]} columns but out_features={out_features}")
-    if x.device.type != "cpu":
+    if _C is None:
+        _require_ext()
+    if not x.is_cpu:
         raise ValueError(f"x must be a CPU tensor for the CPU backend, got device {x.device}")
     packed = _cached_repack(qweight, qzeros, scales, g_idx, bits)
+    if packed["out_features"] != out_features:
+        raise ValueError(f"qweight has {packed['out_features']} columns but out_features={out_features}")
     return cpu_forward_packed(x, packed, bias)
 
 

@@ -41,7 +41,23 @@ class Backend:
     supports: Callable[[int, int, int, str], bool] = lambda m, bits, group_size, device: True
 
 
-BACKENDS: dict[str, Backend] = {}
+class _BackendTable(dict):
+    """name -> Backend. Any change (register_backend, a test replacing an entry) forgets the
+    memoized choices of quant_linear_forward."""
+
+    def __setitem__(self, name, backend):
+        super().__setitem__(name, backend)
+        _CHOICES.clear()
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        _CHOICES.clear()
+
+
+_CHOICES: dict[tuple, Backend] = {}
+"""quant_linear_forward's memo: (requested or FADE_BACKEND, M, bits, group_size, device) -> Backend."""
+
+BACKENDS: dict[str, Backend] = _BackendTable()
 
 
 def register_backend(backend: Backend) -> None:
@@ -104,9 +120,20 @@ def select_backend(m: int, bits: int, group_size: int, device: str, requested: s
 def quant_linear_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                          g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
                          out_features: int, backend: str | None = None) -> torch.Tensor:
-    """Front door: x (..., K) float -> (..., N) in x's dtype, through the selected backend."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    chosen = select_backend(m, bits, group_size, x.device.type, backend)
+    """Front door: x (..., K) float -> (..., N) in x's dtype, through the selected backend.
+
+    The choice is memoized per (backend or FADE_BACKEND, M, bits, group_size, device): a decode
+    step pays one dict lookup instead of walking the auto order (see select_backend for the rule).
+    """
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    key = (backend or os.environ.get("FADE_BACKEND"), m, bits, group_size, "cpu" if x.is_cpu else x.device.type)
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen = select_backend(m, bits, group_size, key[4], backend)
+        if len(_CHOICES) > 4096:  # many distinct M (long prompts): keep the memo bounded
+            _CHOICES.clear()
+        _CHOICES[key] = chosen
     return chosen.fn(x, qweight, qzeros, scales, g_idx, bias, bits, out_features)
 
 

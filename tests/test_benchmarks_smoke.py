@@ -181,3 +181,31 @@ def test_gpu_rows_under_the_triton_interpreter(bench_qmatmul_module, monkeypatch
     row = rows[0]
     assert row["backend"] == "triton" and row["group_size"] == 32 and row["ms"] > 0 and row["dense_ms"] > 0
     assert row["weight_bytes"] == 96 * 3 // 8 * 64 + 3 * 64 * 2 + 3 * 2 * 3 * 4
+
+
+def test_bench_e2e_transcribe_scores_our_row_and_skips_missing_faster_whisper(tmp_path):
+    """One espeak-ng utterance through bundled:tiny.en (a subprocess row) and a missing venv."""
+    from fade_kernels.data.synth import SynthesisUnavailable, synthesize_espeak
+
+    try:
+        from fade_kernels.models.bundled import resolve_model
+
+        resolve_model("bundled:tiny.en")
+        audio = synthesize_espeak("The lazy dog sleeps.", speed=150)
+    except (ModuleNotFoundError, FileNotFoundError, SynthesisUnavailable) as exc:
+        pytest.skip(str(exc))
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", audio, 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "The lazy dog sleeps.", "subset": "x"}) + "\n")
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(BENCH / "bench_e2e_transcribe.py"), "--manifest", str(manifest), "--max-utts", "1",
+           "--threads", "1", "--batch", "1", "--dtypes", "fp32", "--fw-venv", str(tmp_path / "none"), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["system"] == "ours bundled:tiny.en fp32 (lean)" and row["seconds"] > 0 and row["tokens"] > 0
+    assert 0.0 <= row["wer"] <= 0.5
+    assert "faster-whisper rows skipped" in data["skipped"]

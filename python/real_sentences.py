@@ -33,6 +33,8 @@ SENTENCE_REPOS = {
     "VishvPatel007/trackle.io": {"commit": "be02ebd6b952b601a8285463125b08640d51b043", "license": "none stated"},
     "thalesaguiar21/PySpeech": {"commit": "d5cdda7f399e532324a88548b7845852413aed40", "license": "GPL-3.0"},
     "naren200/speech-llm-speech": {"commit": "8fede995fc05d0fdf3c60eb0c2b6ee9b54494c23", "license": "none stated"},
+    "BravenMo/narrative-creation": {"commit": "238c5a1264f77e13fab536be404f3d472fdb9af2", "license": "MIT"},
+    "SuperKogito/pydiogment": {"commit": "074543dc9483b450653f8a00c8279bf1eb873199", "license": "BSD-3-Clause"},
     "joinly-ai/joinly": {"commit": "59472ff1bb6d74aea210537cfb7f8679732cd08a", "license": "MIT"},
     "lingeshwaran4/AudioSimilarityProject": {"commit": "6761ad34f89c0427858526e71dd09874fe2e696e", "license": "none stated"},
     "Agrover112/Goodness-of-Pronunciation-Pipelines-for-OOV-Problem": {
@@ -63,6 +65,10 @@ OSR_FILES = (
      "list": 31, "speaker": "osr-003x", "split": "eval"},
     {"osr": "0038", "repo": "naren200/speech-llm-speech", "path": "whisper_asr/samples/OSR_us_000_0038_8k.wav",
      "list": 33, "speaker": "osr-003x", "split": "eval"},
+    {"osr": "0060", "repo": "SuperKogito/pydiogment", "path": "tests/testfiles/test.wav",
+     "list": 28, "speaker": "osr-006x", "split": "eval"},
+    {"osr": "0061", "repo": "BravenMo/narrative-creation", "path": "resources/OSR_us_000_0061_8k.wav",
+     "list": 30, "speaker": "osr-006x", "split": "eval"},
 )
 
 # Single LibriSpeech utterances: repository, audio path, transcript file in that repository

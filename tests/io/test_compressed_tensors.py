@@ -28,15 +28,7 @@ from fade_kernels.io.compressed_tensors import (
 )
 from fade_kernels.nn import QuantLinear, replace_linears
 
-# d_model 64, ffn 128: every width is a multiple of 32 (3-bit packing) and of groups 32/64.
-WHISPER = dict(vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=64,
-               max_target_positions=32, num_mel_bins=80, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
-
-
-def block_linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+from test_gptq_format import WHISPER, block_linears, logits  # d_model 64, ffn 128: fits 3-bit runs, groups 32/64
 
 
 def quantized_whisper(bits: int, group_size: int, sym: bool) -> nn.Module:
@@ -44,12 +36,6 @@ def quantized_whisper(bits: int, group_size: int, sym: bool) -> nn.Module:
     replace_linears(model, block_linears(model), lambda name, linear: QuantLinear.from_linear(linear, bits,
                                                                                             group_size, sym))
     return model.eval()
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    features = torch.randn(1, 80, 128, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_features=features, decoder_input_ids=torch.tensor([[3, 4, 5]])).logits
 
 
 def export(model: nn.Module, out: Path) -> Path:

@@ -16,24 +16,17 @@ from fade_kernels.io import load_quantized, save_quantized
 from fade_kernels.io.export import EXPORT_MARKER, ExportRefused, export_checkpoint
 from fade_kernels.nn import QuantLinear, replace_linears
 
-WHISPER = dict(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=64,
-               max_target_positions=32, num_mel_bins=80, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
+from test_gptq_format import WHISPER, logits
+
+ONE_BLOCK = {**WHISPER, "encoder_layers": 1, "decoder_layers": 1}
 
 
 def quantized_whisper(bits: int = 4, group_size: int = 32, sym: bool = False, bits_of=None) -> nn.Module:
-    model = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
+    model = WhisperForConditionalGeneration(WhisperConfig(**ONE_BLOCK))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     replace_linears(model, names, lambda name, linear: QuantLinear.from_linear(
         linear, (bits_of or {}).get(name, bits), group_size, sym))
     return model.eval()
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    features = torch.randn(1, 80, 128, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_features=features, decoder_input_ids=torch.tensor([[3, 4, 5]])).logits
 
 
 def quiet_export(model, out, fmt):
@@ -138,7 +131,7 @@ def test_awq_folded_layernorms_are_written_as_folded_dense_weights(tmp_path):
     from fade_kernels import QuantConfig, quantize_model
     from fade_kernels.calib.samples import CalibSample
 
-    model = WhisperForConditionalGeneration(WhisperConfig(**{**WHISPER, "max_source_positions": 1500})).eval()
+    model = WhisperForConditionalGeneration(WhisperConfig(**{**ONE_BLOCK, "max_source_positions": 1500})).eval()
     norms = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     samples = []
     for i in range(4):

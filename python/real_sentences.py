@@ -259,7 +259,7 @@ def write_sentences(readers: dict, entries: list[dict], out: Path) -> tuple[list
     already exists is kept, so a rerun resumes."""
     import soundfile as sf
 
-    sys.path.insert(0, str(HERE.parent))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package, and the sibling script
     from fade_kernels.data.audio import resample
 
     from collect_real_speech import TARGET_SR, _write_wav_atomic

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fade_kernels.config import EXPORT_FORMATS
+from fade_kernels.io.output_dir import EXPORT_MARKER
 
 if TYPE_CHECKING:
     from torch import nn
 
-EXPORT_MARKER = "fade_export.json"
 
 
 class ExportRefused(ValueError):

@@ -2,7 +2,7 @@
 
 A save replaces an existing output folder only when it is empty or is a checkpoint of ours: a
 folder of regular files whose config.json has a `quantization_config` (or a CTranslate2
-conversion's `fade_conversion.json`), holding no file we would not have written. When
+conversion's `fade_conversion.json`, or an export's `fade_export.json`), holding no file we would not have written. When
 fade_checksums.json lists the files, only those (plus the quantization report) are allowed.
 Anything else is refused before any work starts, with the folder and a way out named.
 
@@ -24,13 +24,14 @@ from fade_kernels.io.integrity import CHECKSUMS_NAME, read_checksums
 
 REPORT_NAME = "quantization_report.json"
 CONVERSION_MARKER = "fade_conversion.json"
+EXPORT_MARKER = "fade_export.json"   # written by fade export (io/export.py) beside the weights
 # Files save_pretrained / processor.save_pretrained / our writers put in a checkpoint folder.
 _CHECKPOINT_FILE = re.compile(
     r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
     r"(pre)?processor_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|"
     r"vocab\.json|merges\.txt|normalizer\.json|vocabulary\.(txt|json)|chat_template\.(jinja|json)|"
     r"quantize_config\.json|" + re.escape(REPORT_NAME) + "|" + re.escape(CHECKSUMS_NAME) + "|"
-    + re.escape(CONVERSION_MARKER) + r")$")
+    + re.escape(CONVERSION_MARKER) + "|" + re.escape(EXPORT_MARKER) + r")$")
 
 
 class OutputDirError(ValueError):

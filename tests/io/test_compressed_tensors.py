@@ -31,6 +31,15 @@ from fade_kernels.nn import QuantLinear, replace_linears
 from test_gptq_format import WHISPER, block_linears, logits  # d_model 64, ffn 128: fits 3-bit runs, groups 32/64
 
 
+@pytest.fixture(autouse=True)
+def fp32_activations(monkeypatch):
+    """Compare with dense models under the fp32-activation CPU kernel: the int8-activation kernel
+    (the default for M <= 8 on VNNI CPUs) adds its own bounded rounding, tested in tests/ops."""
+    from fade_kernels.ops import cpu
+
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")
+
+
 def quantized_whisper(bits: int, group_size: int, sym: bool) -> nn.Module:
     model = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
     replace_linears(model, block_linears(model), lambda name, linear: QuantLinear.from_linear(linear, bits,

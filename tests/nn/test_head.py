@@ -40,7 +40,12 @@ def _logits(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_packed_embedding_rows_are_the_dequantized_projection(bits):
+def test_packed_embedding_rows_are_the_dequantized_projection(bits, monkeypatch):
+    from fade_kernels.ops import cpu
+
+    # The float64 comparison below holds for the fp32-activation kernel; the int8-activation one
+    # (the default for M <= 8 on VNNI CPUs) has its own rounding bound, tested in tests/ops.
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")
     model = _quantized_whisper(f"bits{bits}")
     head, embedding = model.proj_out, model.model.decoder.embed_tokens
     assert isinstance(head, QuantLinear) and isinstance(embedding, PackedEmbedding) and embedding.head is head

@@ -52,7 +52,7 @@ import weakref
 
 import torch
 
-from fade_kernels.ops.registry import Backend, register_backend
+from fade_kernels.ops.registry import Backend, register_backend, tensor_version
 from fade_kernels.packing import pack_codes, pack_qzeros, padded_width, unpack_codes, unpack_qzeros
 
 logger = logging.getLogger(__name__)
@@ -429,13 +429,7 @@ class _CacheEntry:
 _CACHE: dict[tuple[int, ...], _CacheEntry] = {}
 
 
-def _version(t: torch.Tensor | None) -> int:
-    if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference mode)
-        return -1
+_version = tensor_version
 
 
 def _cached_repack(qweight, qzeros, scales, g_idx, bits) -> dict:
@@ -480,7 +474,22 @@ def cpu_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     packed = _cached_repack(qweight, qzeros, scales, g_idx, bits)
     if packed["out_features"] != out_features:
         raise ValueError(f"qweight has {packed['out_features']} columns but out_features={out_features}")
+    if x.dim() == 2 and x.shape[1] == packed["in_features"] and x.is_contiguous() and not x.requires_grad and \
+            (bias is None or bias.dtype == torch.float32):
+        return _run(x, packed, bias, "auto")  # a decode step: nothing for cpu_forward_packed to adapt
     return cpu_forward_packed(x, packed, bias)
+
+
+def cpu_bind(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+             bias: torch.Tensor | None, bits: int, out_features: int):
+    """Backend.bind: y = f(x2) for x2 float [M, K] contiguous CPU, no gradient (the repack captured)."""
+    _require_ext()
+    packed = _cached_repack(qweight, qzeros, scales, g_idx, bits)
+    if packed["out_features"] != out_features:
+        raise ValueError(f"qweight has {packed['out_features']} columns but out_features={out_features}")
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    return lambda x2: _run(x2, packed, bias, "auto")
 
 
 def _supports(m: int, bits: int, group_size: int, device: str) -> bool:
@@ -488,4 +497,4 @@ def _supports(m: int, bits: int, group_size: int, device: str) -> bool:
 
 
 register_backend(Backend(name="cpu", fn=cpu_forward, devices=("cpu",), bits=CPU_BITS, priority=10,
-                         available=_C is not None, why_unavailable=_IMPORT_ERROR, supports=_supports))
+                         available=_C is not None, why_unavailable=_IMPORT_ERROR, supports=_supports, bind=cpu_bind))

@@ -39,6 +39,10 @@ class Backend:
     available: bool = True
     why_unavailable: str = ""
     supports: Callable[[int, int, int, str], bool] = lambda m, bits, group_size, device: True
+    bind: Callable | None = None
+    """Optional: bind(qweight, qzeros, scales, g_idx, bias, bits, out_features) -> a callable
+    y = f(x2) for x2 2-D, contiguous, on this backend's device, not needing a gradient, with the
+    layer's prepared weights captured (QuantLinear keeps it while its buffers are unchanged)."""
 
 
 class _BackendTable(dict):
@@ -135,6 +139,27 @@ def quant_linear_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.T
             _CHOICES.clear()
         _CHOICES[key] = chosen
     return chosen.fn(x, qweight, qzeros, scales, g_idx, bias, bits, out_features)
+
+
+def tensor_version(t: torch.Tensor | None) -> int:
+    """t's in-place version counter (0 for None, -1 for inference tensors, which have none and cannot
+    change in place outside inference mode): the key of every cache of prepared weights."""
+    if t is None:
+        return 0
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def bind_forward(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 bias: torch.Tensor | None, bits: int, group_size: int, out_features: int, m: int, device: str,
+                 backend: str | None = None) -> Callable | None:
+    """The selected backend's bound forward for these tensors (see Backend.bind), or None when it has none."""
+    chosen = select_backend(m, bits, group_size, device, backend)
+    if chosen.bind is None:
+        return None
+    return chosen.bind(qweight, qzeros, scales, g_idx, bias, bits, out_features)
 
 
 def backend_table() -> list[dict]:

@@ -80,3 +80,22 @@ def test_forced_backend_runs_or_raises(monkeypatch):
     monkeypatch.setenv("FADE_BACKEND", "nonexistent")
     with pytest.raises(ValueError, match="nonexistent"):
         QuantLinear.from_linear(nn.Linear(64, 32), 4, 32)(torch.randn(1, 64))
+
+
+def test_decode_fast_path_follows_buffer_updates_and_backend_requests(monkeypatch):
+    """QuantLinear keeps the backend's bound forward between calls: it must notice a new state dict
+    (in-place copies), a replaced buffer and FADE_BACKEND."""
+    monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")
+    a = QuantLinear.from_linear(nn.Linear(256, 40), bits=4, group_size=64)
+    b = QuantLinear.from_linear(nn.Linear(256, 40), bits=4, group_size=64)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        y_a, y_b = a(x), b(x)
+        a.load_state_dict(b.state_dict())                              # in-place copies: versions change
+        assert torch.equal(a(x), y_b)
+        a.scales = a.scales * 2                                        # a new buffer tensor
+        torch.testing.assert_close(a(x) - a.bias, 2 * (y_b - b.bias), rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv("FADE_BACKEND", "torch")
+        want = F.linear(x, a.dequantize(), a.bias)
+        torch.testing.assert_close(a(x), want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y_a, y_b)

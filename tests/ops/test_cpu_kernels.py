@@ -28,22 +28,12 @@ from fade_kernels.packing import pack_qweight, pack_qzeros, unpack_qweight, unpa
 AVAILABLE, REASON = cpu.cpu_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU extension not built: {REASON}")
 
-ISAS = cpu._C.supported_isas() if AVAILABLE else []
 
 
 @pytest.fixture(autouse=True)
 def fp32_activations(monkeypatch):
     """Every call in this module without an explicit mode uses the fp32-activation kernel."""
     monkeypatch.setattr(cpu, "ACTIVATIONS", "fp32")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Force one kernel family for the test, restore the default after."""
-    before = cpu._C.active_isa()
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(before)
 
 
 def make_layer(k: int, n: int, bits: int, group_size: int, sym: bool, bias: bool = True, seed: int = 0):

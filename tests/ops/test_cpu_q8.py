@@ -27,15 +27,6 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU extension not built:
 ISAS = cpu._C.supported_isas() if AVAILABLE else []
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Force one kernel family (its int8 kernel: VNNI where the CPU has it, else portable)."""
-    before = cpu._C.active_isa()
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(before)
-
-
 def fresh_seed() -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 

@@ -46,6 +46,15 @@ def tiny_moonshine():
     return MoonshineForConditionalGeneration(tiny_moonshine_config()).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (small models decode faster and deterministically so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs per test run, but reproducible from the printed seed on failure.

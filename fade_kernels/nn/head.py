@@ -18,7 +18,6 @@ of exactly the weight the projection multiplies by (the dequantized rows for bit
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -70,11 +70,24 @@ def run_ours(spec: dict) -> dict:
     audios = [load_audio(u["audio"]) for u in utts]
     kwargs = dict(batch_size=spec["batch"], progress=False, decoder=spec["decoder"])
     transcribe(model, processor, audios[:1], **kwargs)                       # warm-up
+    encoder = model.get_encoder()
+    encoder_seconds = [0.0]
+    plain_forward = encoder.forward
+
+    def timed_forward(*a, **kw):                                                # the encoder's share of the time
+        t = time.perf_counter()
+        out = plain_forward(*a, **kw)
+        encoder_seconds[0] += time.perf_counter() - t
+        return out
+
+    encoder.forward = timed_forward
     start = time.perf_counter()
     hyps = transcribe(model, processor, audios, **kwargs)
     seconds = time.perf_counter() - start
+    del encoder.forward
     tokens = sum(len(processor.tokenizer(h, add_special_tokens=False).input_ids) for h in hyps)
-    return {"hyps": hyps, "seconds": seconds, "tokens": tokens, "peak_mb": vm_hwm_mb()}
+    return {"hyps": hyps, "seconds": seconds, "encoder_seconds": encoder_seconds[0], "tokens": tokens,
+            "peak_mb": vm_hwm_mb()}
 
 
 FW_WORKER = r'''
@@ -174,7 +187,11 @@ def main(argv=None) -> dict:
         wer = score(utts, result["hyps"], processor)
         row = {"system": label, "threads": threads, "batch": batch, "seconds": result["seconds"],
                "audio_s_per_s": audio_seconds / result["seconds"], "tokens": result["tokens"],
-               "tokens_per_s": result["tokens"] / result["seconds"], "peak_mb": result["peak_mb"], "wer": wer}
+               "tokens_per_s": result["tokens"] / result["seconds"], "peak_mb": result["peak_mb"], "wer": wer,
+               "encoder_seconds": result.get("encoder_seconds")}
+        # Decoder share per output token: everything but the encoder (features, decoding, detokenising).
+        if row["encoder_seconds"] is not None:
+            row["ms_per_token_outside_encoder"] = 1e3 * (row["seconds"] - row["encoder_seconds"]) / max(1, row["tokens"])
         rows.append(row)
         print(f"{label:40s} threads {threads} batch {batch}: {row['seconds']:.1f} s, "
               f"{row['audio_s_per_s']:.1f} audio s/s, {row['tokens_per_s']:.0f} tok/s, "
@@ -216,10 +233,13 @@ def main(argv=None) -> dict:
               "rows": rows, "skipped": skipped, "argv": sys.argv[1:] if argv is None else list(argv)}
     lines = [machine_line(info), "", f"{len(utts)} utterances, {audio_seconds:.0f} s of audio; wall time of "
              "transcription only (load and a one-utterance warm-up excluded); one subprocess per row.", "",
-             "| system | threads | batch | seconds | audio s / s | tokens / s | peak MiB | WER % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| system | threads | batch | seconds | encoder s | ms / token outside encoder | audio s / s | "
+             "tokens / s | peak MiB | WER % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['system']} | {r['threads']} | {r['batch']} | {r['seconds']:.1f} | "
+        enc = "" if r["encoder_seconds"] is None else f"{r['encoder_seconds']:.1f}"
+        per_token = f"{r['ms_per_token_outside_encoder']:.1f}" if "ms_per_token_outside_encoder" in r else ""
+        lines.append(f"| {r['system']} | {r['threads']} | {r['batch']} | {r['seconds']:.1f} | {enc} | {per_token} | "
                      f"{r['audio_s_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mb'] or 0:.0f} | "
                      f"{100 * r['wer']:.2f} |")
     if skipped:

@@ -18,7 +18,6 @@ of exactly the weight the projection multiplies by (the dequantized rows for bit
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -193,5 +192,7 @@ def finish_head_after_loading(model: nn.Module) -> None:
     if isinstance(head, LowPrecisionLinear) and head.weight.dtype != torch.bfloat16:
         head.weight = nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
     if isinstance(embedding, _TiedEmbedding):
-        dtype = model.get_decoder().embed_positions.weight.dtype if hasattr(model, "get_decoder") else torch.float32
+        own = {id(t) for t in (*head.parameters(), *head.buffers())}
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in own),
+                     torch.float32)
         embedding._dtype = torch.zeros(0, dtype=dtype, device=_device_of(head))

@@ -12,14 +12,6 @@ from fade_kernels.eval.greedy import WhisperGreedyDecoder, unsupported_generatio
 from conftest import tiny_whisper_config
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _english_whisper(**overrides):
     """A random Whisper with an English-only generation config: <|notimestamps|> = 127 (the last
     id: generate() reads ids above it as timestamps), suppressed ids at every step and at the first

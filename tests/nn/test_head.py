@@ -100,6 +100,10 @@ def test_head_round_trip_is_exact_and_stored_once(tmp_path, head):
     if head != "fp32":
         assert loaded.model.decoder.embed_tokens.head is loaded.proj_out
     assert torch.equal(_logits(model), _logits(loaded))
+    if head != "fp32":                      # loaded in bfloat16: the embedding follows the model's dtype
+        half = load_quantized(tmp_path / "ckpt", dtype=torch.bfloat16)
+        assert half.model.decoder.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+        assert head != "bf16" or half.proj_out.weight.dtype == torch.bfloat16
 
 
 def test_float16_storage_only_when_exact(tmp_path):

@@ -9,7 +9,7 @@ from fade_kernels import QuantConfig, quantize_model
 from fade_kernels.api import StageTimer
 from fade_kernels.memory.cache import ActivationCache, load, materialize, parse_size
 
-from test_resume import _one_thread, assert_identical, quantized_tensors, short_samples, short_whisper  # noqa: F401
+from test_resume import assert_identical, quantized_tensors, short_samples, short_whisper
 
 
 @pytest.mark.parametrize("text,expected", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", 1_500_000_000),
@@ -66,6 +66,7 @@ def test_cache_with_zero_budget_and_empty_tensor(tmp_path):
         ActivationCache(max_bytes=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("fade", 0), ("qep", "150KB"), ("gptq", 0)])
 def test_results_on_disk_equal_results_in_ram(method, budget, tmp_path):
     """Every cache (both chains' inputs, encoder outputs, the twin's group inputs) through files, or
@@ -83,6 +84,7 @@ def test_results_on_disk_equal_results_in_ram(method, budget, tmp_path):
     assert list(tmp_path.iterdir()) == []   # the spill folder is removed
 
 
+@pytest.mark.slow
 def test_offload_folder_defaults_into_the_resume_folder(tmp_path, monkeypatch):
     seen = []
     original = ActivationCache._spill
@@ -146,6 +148,7 @@ def test_stage_timers_of_two_threads_stay_apart():
             pass
 
 
+@pytest.mark.slow
 def test_report_has_seconds_per_stage():
     report = quantize_model(short_whisper(), short_samples(n=2), QuantConfig(method="gptq", bits=4, group_size=32),
                             batch_size=2, progress=False)
@@ -167,6 +170,7 @@ def file_ranges(path) -> list[tuple[int, int]]:
     return ranges
 
 
+@pytest.mark.slow
 def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path):
     """from_pretrained memory-maps a float32 safetensors file; the pipeline must not copy the
     weights of blocks it has not reached (only the current block is written and packed)."""
@@ -229,7 +233,8 @@ def test_release_file_pages_hands_back_mapped_pages_and_leaves_the_heap_alone(tm
     assert torch.equal(heap, copy_of_heap)
 
 
-def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path, _one_thread):  # noqa: F811
+@pytest.mark.slow
+def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path, one_thread):
     """A memory-mapped model (from_pretrained) and an in-RAM copy of it quantize to the same
     tensors; only the mapped one releases pages."""
     from transformers import WhisperForConditionalGeneration
@@ -244,6 +249,7 @@ def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp
     assert_identical(quantized_tensors(mapped), quantized_tensors(in_ram))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "awq"), ("moonshine", "fade")])
 def test_replaying_quantized_linear_outputs_changes_nothing(family, method, tiny_whisper, tiny_moonshine):
     """Later passes over a block reuse the outputs of its already-solved linears; the result must

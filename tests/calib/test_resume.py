@@ -19,15 +19,8 @@ from fade_kernels.calib.samples import CalibSample
 # ten times cheaper.
 SHORT = dict(max_source_positions=150)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is fastest, and on a loaded machine OpenMP workers waiting for a
-    # core made these runs 50x slower. The kill test's child uses one thread as well.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Whole-model runs on small random models, and a killed subprocess.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def short_whisper(seed=0, **overrides):
@@ -171,6 +164,7 @@ with open(out_dir + "/report.json", "w") as fh:
 """
 
 
+@pytest.mark.subprocess
 def test_sigkill_and_restart_gives_the_uninterrupted_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -10,14 +10,6 @@ import torch
 from fade_kernels.eval.decode import MaskedSuppress, dequantized_linears, prepare_inputs, transcribe
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_masked_suppress_equals_the_stock_processors():
     from transformers.generation.logits_process import (SuppressTokensAtBeginLogitsProcessor,
                                                         SuppressTokensLogitsProcessor)

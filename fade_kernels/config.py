@@ -1,6 +1,7 @@
 """Validated quantization settings shared by the solvers, QuantLinear and the CLI."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -73,6 +74,9 @@ class QuantConfig:
     fade_rule: FADE's alpha rule: "both" (reliability + vulnerability, the default) or an
     ablation that keeps one of the two terms.
     awq_grid: number of AWQ exponents searched in [0, 1).
+    skip_modules: glob patterns (fnmatch) of linear layers kept in full precision, matched against
+    the full module name, e.g. "model.decoder.layers.*.fc2" or "*.encoder_attn.*"; each pattern
+    must match at least one quantizable layer of the model.
     """
 
     method: str = "gptq"
@@ -115,8 +119,16 @@ class QuantConfig:
             raise ValueError(f"fade_rule must be one of {FADE_RULES}, got {self.fade_rule!r}")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
+        if isinstance(self.skip_modules, str) or not all(
+                isinstance(p, str) and p.strip() for p in self.skip_modules):
+            raise ValueError(f"skip_modules must be a sequence of non-empty module-name patterns, "
+                             f"got {self.skip_modules!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        object.__setattr__(self, "skip_modules", tuple(p.strip() for p in self.skip_modules))
+
+    def skips(self, module_name: str) -> bool:
+        """True when `module_name` (a full name from model.named_modules()) stays in full precision."""
+        return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in self.skip_modules)
 
     def to_dict(self) -> dict:
         out = asdict(self)

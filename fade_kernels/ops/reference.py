@@ -25,3 +25,15 @@ def reference_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     """y = x @ W_hat^T + bias in x's dtype. x: (..., K) float32/bfloat16/float16 -> (..., N)."""
     weight = dequantize_weight(qweight, qzeros, scales, g_idx, bits, out_features).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def input_gradient(grad_y: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
+    """dL/dx = dL/dy @ W_hat for y = x @ W_hat^T: the packed weight is frozen, so x is the only input
+    with a gradient. grad_y (..., N) float; the packed tensors as in dequantize_weight (g_idx None
+    means static groups). Returns (..., K) in grad_y's dtype, computed in float32."""
+    if g_idx is None:
+        k = qweight.shape[0] * 32 // bits
+        g_idx = torch.arange(k, device=qweight.device) // (k // scales.shape[0])
+    weight = dequantize_weight(qweight, qzeros, scales, g_idx, bits, out_features)   # (N, K) fp32
+    return (grad_y.float() @ weight).to(grad_y.dtype)                                  # (..., K)

@@ -132,10 +132,10 @@ def run_job(args) -> dict:
     import torch
 
     from fade_kernels.api import MEMO_BUDGET_BYTES, quantize_model
-    from fade_kernels.memory.heap import retention_requested
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
+    from fade_kernels.memory.heap import retention_requested
     from fade_kernels.models.bundled import load_model_and_processor
     from fade_kernels.sweep import PeakMemory
 

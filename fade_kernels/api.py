@@ -32,6 +32,7 @@ stays at its high-water mark, and large temporaries are not faulted in again pag
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 
@@ -46,13 +47,25 @@ from fade_kernels.memory.heap import retain_freed_memory
 from fade_kernels.models.adapters import ModelAdapter, get_adapter
 from fade_kernels.pipeline.memo import MEMO_BUDGET_BYTES
 from fade_kernels.pipeline.report import LayerReport, QuantizationReport, peak_rss_mb
-from fade_kernels.pipeline.run import quantization_config_dict, run_pipeline
+from fade_kernels.pipeline.run import run_pipeline
 from fade_kernels.pipeline.stack import PipelineObserver
 from fade_kernels.solver.group import LayerSolution, solve_linear_group
 from fade_kernels.timing import StageTimer, timing
 
-__all__ = ["quantize_model", "QuantizationReport", "LayerReport", "LayerSolution", "solve_linear_group",
-           "StageTimer", "PipelineObserver", "MEMO_BUDGET_BYTES", "quantization_config_dict"]
+__all__ = ["quantize_model", "check_skip_modules", "QuantizationReport", "LayerReport", "LayerSolution", "solve_linear_group",
+           "StageTimer", "PipelineObserver", "MEMO_BUDGET_BYTES"]
+
+
+def check_skip_modules(model: nn.Module, config: QuantConfig, adapter: ModelAdapter | None = None) -> None:
+    """Raise a ValueError naming the patterns of config.skip_modules that match none of the model's
+    quantizable layers (a typo would otherwise quantize the layer the user meant to keep)."""
+    if not config.skip_modules:
+        return
+    targets = (adapter or get_adapter(model)).quantizable_names(model)
+    unmatched = [p for p in config.skip_modules if not any(fnmatch.fnmatchcase(name, p) for name in targets)]
+    if unmatched:
+        raise ValueError(f"skip_modules patterns {unmatched} match no quantizable layer of this model "
+                         f"(full names such as {targets[0]!r})")
 
 
 @torch.no_grad()
@@ -89,6 +102,8 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
       each packed block (tests and diagnostics). share_encoder_statistics: False recomputes the
       decoder cross-attention k/v statistics in every block instead of reusing the first block's
       (identical results; for verification).
+    config.skip_modules: layers whose full name matches one of these glob patterns stay nn.Linear
+      in full precision; the layers around them are calibrated on their full-precision output.
     """
     if not samples:
         raise ValueError("samples is empty: calibration needs at least one utterance")
@@ -101,6 +116,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     memo_bytes = None if memo_budget is None else parse_size(memo_budget, "memo_budget")
     two_chain = config.propagates if track_fp_error is None else (track_fp_error or config.propagates)
     adapter = adapter or get_adapter(model)
+    check_skip_modules(model, config, adapter)
     model.eval()
     start = time.perf_counter()
     resume = None

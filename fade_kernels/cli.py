@@ -47,7 +47,7 @@ def _directory_size(path: Path) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from fade_kernels.api import quantize_model
+    from fade_kernels.api import check_skip_modules, quantize_model
     from fade_kernels.memory.cache import parse_size
     from fade_kernels.calib.resume import (ResumeCorruptError, ResumeFolderBusyError, ResumeFolderError,
                                            ResumeMismatchError, remove_resume_folder)
@@ -56,6 +56,7 @@ def cmd_quantize(args) -> int:
     from fade_kernels.config import QuantConfig
     from fade_kernels.data.corpus import load_corpus, select_subset
     from fade_kernels.io.checkpoint import save_quantized
+    from fade_kernels.memory.cache import parse_size
 
     if args.n_calib < 1:
         raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
@@ -79,6 +80,10 @@ def cmd_quantize(args) -> int:
     check_calibration_size(corpus, args.calib, args.n_calib)
     torch.manual_seed(args.seed)
     model, processor = _load_model(args.model)
+    try:
+        check_skip_modules(model, config)
+    except ValueError as error:
+        raise CliError(_option_error(str(error))) from None
     full_precision_bytes = sum(p.numel() * 4 for p in model.parameters())
     if args.calib:
         utterances = select_subset(corpus, args.n_calib, args.seed)
@@ -99,14 +104,14 @@ def cmd_quantize(args) -> int:
     if resume_dir is not None and (resume_dir / "state.json").is_file():
         print(f"resuming from {resume_dir}: finished blocks are restored, the rest is quantized "
               f"(a run with other settings or data is refused)")
+    run_info = {"calib": args.calib, "seed": args.seed, "model": args.model}
     try:
         report = quantize_model(model, samples, config, batch_size=args.batch_size, progress=not args.quiet,
                                 checkpoint_dir=resume_dir, keep_checkpoint=True, max_memory=args.max_memory,
-                                offload_dir=args.offload_dir)
+                                offload_dir=args.offload_dir, run_info=run_info)
     except (ResumeFolderBusyError, ResumeMismatchError, ResumeCorruptError, ResumeFolderError) as error:
         raise CliError(f"--resume-dir: {error} (or pass --no-resume)") from None
     save_quantized(model, out, processor=processor)   # replaces only what check_quantize_outputs allowed
-    run_info = {"calib": args.calib, "seed": args.seed, "model": args.model}
     report_file = out / "quantization_report.json"
     report_file.write_text(json.dumps({**report.to_dict(), **run_info}, indent=1))
     _print_summary(report, out, full_precision_bytes)
@@ -136,6 +141,8 @@ def _config_kwargs(args) -> dict:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
         kwargs["qep_exclude"] = tuple(item.strip() for item in args.qep_exclude.split(",") if item.strip())
+    if getattr(args, "skip_modules", None):
+        kwargs["skip_modules"] = tuple(item.strip() for item in args.skip_modules.split(",") if item.strip())
     return kwargs
 
 
@@ -425,6 +432,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         help="grid range per group: minmax, or the shrunk range with the least rounding error, "
                              "unweighted (mse) or Hessian-weighted (hessian) (default minmax)")
     parser.add_argument("--awq-grid", type=int, help="number of AWQ exponents searched (default 20)")
+    parser.add_argument("--skip-modules", metavar="PATTERNS",
+                        help="comma list of glob patterns of linear layers kept in full precision, matched "
+                             "against full names, e.g. 'model.decoder.layers.*.fc2,*.encoder_attn.v_proj'")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
                              "8/4-bit round-to-nearest (default: QuantConfig's)")

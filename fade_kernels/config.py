@@ -1,6 +1,7 @@
 """Validated quantization settings shared by the solvers, QuantLinear and the CLI."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -85,6 +86,9 @@ class QuantConfig:
     clip: each group's grid range: "minmax" (the group's min and max), or the shrunk range with
     the least rounding error, unweighted ("mse") or weighted by the input Hessian's diagonal
     ("hessian"); used by the RTN and GPTQ solvers, hence by QEP and FADE too.
+    skip_modules: glob patterns (fnmatch) of linear layers kept in full precision, matched against
+    the full module name, e.g. "model.decoder.layers.*.fc2" or "*.encoder_attn.*"; each pattern
+    must match at least one quantizable layer of the model.
     """
 
     method: str = "gptq"
@@ -136,8 +140,16 @@ class QuantConfig:
             raise ValueError(f"head must be one of {HEAD_FORMATS}, got {self.head!r}")
         if self.head_group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"head_group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.head_group_size!r}")
+        if isinstance(self.skip_modules, str) or not all(
+                isinstance(p, str) and p.strip() for p in self.skip_modules):
+            raise ValueError(f"skip_modules must be a sequence of non-empty module-name patterns, "
+                             f"got {self.skip_modules!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        object.__setattr__(self, "skip_modules", tuple(p.strip() for p in self.skip_modules))
+
+    def skips(self, module_name: str) -> bool:
+        """True when `module_name` (a full name from model.named_modules()) stays in full precision."""
+        return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in self.skip_modules)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -120,3 +120,21 @@ def pack_qzeros(zeros_ng: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """qzeros int32 [G, padded_width(N) * bits / 32] -> zeros int32 (N, G)."""
     return unpack_codes(qzeros, bits, dim=1)[:, :out_features].t().contiguous()
+
+
+def check_trivial_g_idx(g_idx: torch.Tensor | None, in_features: int, group_size: int, backend: str = "the") -> None:
+    """Raise unless g_idx is None or arange(K) // group_size, the only column order the kernels read.
+
+    g_idx: int [K] or None. Act-order checkpoints quantized with static groups have a trivial g_idx;
+    a permuted one would need a gather of x per call, which no backend does. backend names the
+    kernels in the message.
+    """
+    if g_idx is None:
+        return
+    if tuple(g_idx.shape) != (in_features,):
+        raise ValueError(f"g_idx must have shape [K={in_features}], got {tuple(g_idx.shape)}")
+    trivial = torch.arange(in_features, device=g_idx.device) // group_size
+    if not torch.equal(g_idx.to(trivial.dtype), trivial):
+        raise ValueError(
+            f"g_idx must be the trivial arange(K) // group_size with group_size={group_size}: {backend} kernels read "
+            "static groups only (quantize act-order models with static groups, which keeps g_idx trivial)")

@@ -22,7 +22,6 @@ Data-free methods (RTN) give the same model for every seed: they are run once pe
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import json
 import os
@@ -38,7 +37,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fade_kernels.atomic import atomic_write_json, atomic_write_text
 from fade_kernels.config import SUPPORTED_BITS, SUPPORTED_METHODS, QuantConfig
+from fade_kernels.memory.mapped import c_library
 
 __all__ = ["DATA_FREE_METHODS", "PeakMemory", "decode_bytes_per_token", "run_key", "run_sweep",
            "silence_samples", "summarize", "weight_memory", "write_markdown"]
@@ -151,7 +152,7 @@ def _malloc_trim() -> None:
     # Hand freed heap pages back to the OS so the RSS at the start of a measurement is not
     # inflated by what earlier configurations freed (glibc keeps small freed blocks).
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        c_library().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -216,12 +217,6 @@ def _machine() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or platform.machine()
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _load_results(path: Path, settings: dict) -> dict:
@@ -340,9 +335,7 @@ def write_markdown(results: dict, path: Path, plots: Sequence[Path] = ()) -> str
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     text = "\n".join(lines) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return text
 
 
@@ -483,7 +476,7 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
         result = evaluate(fp_model, processor, eval_utts, **eval_kwargs)
         results["fp"] = {**_eval_record(result), "weight_memory": weight_memory(fp_model, adapter),
                          "bytes_per_token": decode_bytes_per_token(fp_model, adapter)}
-        _atomic_write_json(results_path, results)
+        atomic_write_json(results_path, results, default=str)
         print(f"fp32: WER {100 * result['wer']:.2f}% on {result['n_utts']} utterances "
               f"(decode {result['decode_seconds']:.0f} s)", flush=True)
 
@@ -516,7 +509,7 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
                 rss = "" if record["rss_increase_mb"] is None else f", RSS +{record['rss_increase_mb']:.0f} MB"
                 print(f"{key}: WER {100 * record['wer']:.2f}%  quantize {record['quant_seconds']:.1f} s{rss}",
                       flush=True)
-            _atomic_write_json(results_path, results)
+            atomic_write_json(results_path, results, default=str)
             bar.update(1)
         del samples
         gc.collect()

@@ -2,8 +2,9 @@
 
 `save` quantizes one model with every method at 3 and 4 bits (plus a few option variants) on a
 few calibration utterances and writes one checkpoint per run, with its per-layer report, under
-OUT. `compare` reads two such folders and checks every saved tensor with torch.equal and every
-per-layer diagnostic (alpha, rho, vulnerability, errors) for exact equality.
+OUT. `compare` reads two such folders and checks every saved tensor with torch.equal, every
+per-layer diagnostic (alpha, rho, vulnerability, errors) and the saved quantization_config for
+exact equality, for every run saved in both (runs saved in the reference only are listed).
 
 Use it around a refactor that must not change results:
 
@@ -67,42 +68,44 @@ def compare(args) -> int:
     if not names:
         print(f"no saved runs in {reference}", file=sys.stderr)
         return 2
-    failures = 0
+    failures, missing = 0, []
     for name in names:
         problems = []
         if not (candidate / name / "report.json").is_file():
-            problems.append("missing in candidate")
-        else:
-            ref_files = sorted(p.name for p in (reference / name).glob("*.safetensors"))
-            new_files = sorted(p.name for p in (candidate / name).glob("*.safetensors"))
-            if ref_files != new_files:
-                problems.append(f"weight files differ: {ref_files} vs {new_files}")
-            ref_tensors, new_tensors = {}, {}
-            for file in ref_files:
-                ref_tensors.update(load_file(reference / name / file))
-            for file in new_files:
-                new_tensors.update(load_file(candidate / name / file))
-            if set(ref_tensors) != set(new_tensors):
-                problems.append(f"tensor names differ: {sorted(set(ref_tensors) ^ set(new_tensors))[:5]}")
-            differing = [key for key in ref_tensors if key in new_tensors and not (
-                ref_tensors[key].dtype == new_tensors[key].dtype and torch.equal(ref_tensors[key], new_tensors[key]))]
-            if differing:
-                problems.append(f"{len(differing)} tensors differ, e.g. {differing[:3]}")
-            ref_report = json.loads((reference / name / "report.json").read_text())
-            new_report = json.loads((candidate / name / "report.json").read_text())
-            if ref_report != new_report:
-                problems.append("per-layer report differs")
-            ref_config = json.loads((reference / name / "config.json").read_text())["quantization_config"]
-            new_config = json.loads((candidate / name / "config.json").read_text())["quantization_config"]
-            if ref_config != new_config:
-                problems.append("quantization_config differs")
+            missing.append(name)
+            continue
+        ref_files = sorted(p.name for p in (reference / name).glob("*.safetensors"))
+        new_files = sorted(p.name for p in (candidate / name).glob("*.safetensors"))
+        if ref_files != new_files:
+            problems.append(f"weight files differ: {ref_files} vs {new_files}")
+        ref_tensors, new_tensors = {}, {}
+        for file in ref_files:
+            ref_tensors.update(load_file(reference / name / file))
+        for file in new_files:
+            new_tensors.update(load_file(candidate / name / file))
+        if set(ref_tensors) != set(new_tensors):
+            problems.append(f"tensor names differ: {sorted(set(ref_tensors) ^ set(new_tensors))[:5]}")
+        differing = [key for key in ref_tensors if key in new_tensors and not (
+            ref_tensors[key].dtype == new_tensors[key].dtype and torch.equal(ref_tensors[key], new_tensors[key]))]
+        if differing:
+            problems.append(f"{len(differing)} tensors differ, e.g. {differing[:3]}")
+        ref_report = json.loads((reference / name / "report.json").read_text())
+        new_report = json.loads((candidate / name / "report.json").read_text())
+        if ref_report != new_report:
+            problems.append("per-layer report differs")
+        ref_config = json.loads((reference / name / "config.json").read_text())["quantization_config"]
+        new_config = json.loads((candidate / name / "config.json").read_text())["quantization_config"]
+        if ref_config != new_config:
+            problems.append("quantization_config differs")
         status = "identical" if not problems else "DIFFERENT: " + "; ".join(problems)
         if not problems:
             status += f" ({len(ref_tensors)} tensors)"
         print(f"{name}: {status}")
         failures += bool(problems)
-    print(f"{len(names) - failures}/{len(names)} runs identical")
-    return 1 if failures else 0
+    compared = len(names) - len(missing)
+    print(f"{compared - failures}/{compared} runs identical" + (f"; not in {candidate}: {', '.join(missing)}"
+                                                               if missing else ""))
+    return 1 if failures or not compared else 0
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random Whisper and Moonshine models built from configs (no hub)."""
+"""Shared fixtures: tiny random Whisper and Moonshine models built from configs (no hub), and a
+fresh torch seed per test that a failure report prints.
+
+Tiers (markers registered in pyproject.toml): `pytest -q` runs everything (CI);
+`pytest -q -m "not slow and not compile and not subprocess"` is the quick tier for daily work.
+"""
 from __future__ import annotations
 
 import os
@@ -9,8 +14,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-# Fixtures of the fault tests (tests/reliability): the tiny model folder, a checkpoint, `fade` runner.
-pytest_plugins = ["reliability.faults"]
+# pytester runs the seed-report test; reliability.faults holds the fault tests' fixtures (tiny model
+# folder, a checkpoint, the `fade` runner).
+pytest_plugins = ["pytester", "reliability.faults"]
 
 
 def tiny_whisper_config(**overrides):
@@ -60,8 +66,19 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs per test run, but reproducible from the printed seed on failure.
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    """A fresh torch seed per test (FADE_TEST_SEED=N replays one); a failing test prints it."""
+    seed = int(os.environ.get("FADE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # The seed goes into the failure report as its own section, next to the captured output.
+    outcome = yield
+    report = outcome.get_result()
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        report.sections.append(("seed", f"torch seed {seed}: rerun with FADE_TEST_SEED={seed}"))

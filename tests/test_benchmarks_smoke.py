@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-pytestmark = pytest.mark.skipif(not (BENCH / "bench_qmatmul.py").is_file(), reason="benchmarks/ not in this checkout")
+pytestmark = [pytest.mark.skipif(not (BENCH / "bench_qmatmul.py").is_file(), reason="benchmarks/ not in this checkout"),
+              pytest.mark.slow, pytest.mark.subprocess]
 
 
 def _cpu_kernels_available() -> bool:

@@ -115,6 +115,7 @@ def test_quantize_bad_new_options(capsys):
     assert exit_info.value.code == 2 and "--fade-rule" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_options_reach_the_config_and_report_dir(tmp_path, monkeypatch):
     import torch
 

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from fade_kernels.io.integrity import IntegrityError, file_sha256
+from fade_kernels.atomic import atomic_write
 
 STATE_NAME = "state.json"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -139,36 +140,6 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
         else:
             out.append(key)
     return out
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:   # not supported on every filesystem
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary path) then fsync and rename onto `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -53,7 +53,7 @@ import weakref
 import torch
 
 from fade_kernels.ops.registry import Backend, register_backend, tensor_version
-from fade_kernels.packing import pack_codes, pack_qzeros, padded_width, unpack_codes, unpack_qzeros
+from fade_kernels.packing import check_trivial_g_idx, pack_codes, pack_qzeros, padded_width, unpack_codes, unpack_qzeros
 
 logger = logging.getLogger(__name__)
 
@@ -298,23 +298,6 @@ def unpack_q8_3bit(words: torch.Tensor) -> torch.Tensor:
     return pack_codes(codes, 3, dim=0)
 
 
-def check_trivial_g_idx(g_idx: torch.Tensor | None, in_features: int, group_size: int) -> None:
-    """Raise unless g_idx is None or arange(K) // group_size (the only order the kernels read).
-
-    Act-order checkpoints quantized with static groups have a trivial g_idx; a permuted one would
-    need a gather of x per call, which these kernels do not do.
-    """
-    if g_idx is None:
-        return
-    if g_idx.shape != (in_features,):
-        raise ValueError(f"g_idx must have shape [K={in_features}], got {tuple(g_idx.shape)}")
-    trivial = torch.arange(in_features, device=g_idx.device) // group_size
-    if not torch.equal(g_idx.to(trivial.dtype), trivial):
-        raise ValueError(
-            f"g_idx must be the trivial arange(K) // group_size with group_size={group_size}: the CPU kernels do not "
-            "support act-order permutations (quantize with static groups, which keeps g_idx trivial)")
-
-
 # ---- forward --------------------------------------------------------------------------------
 
 class _QMatmulFn(torch.autograd.Function):
@@ -443,7 +426,7 @@ def _cached_repack(qweight, qzeros, scales, g_idx, bits) -> dict:
             return entry.packed
     versions = (_version(qweight), _version(qzeros), _version(scales), _version(g_idx))
     packed = repack_for_cpu(qweight, qzeros, scales, bits)
-    check_trivial_g_idx(g_idx, packed["in_features"], packed["group_size"])
+    check_trivial_g_idx(g_idx, packed["in_features"], packed["group_size"], "the CPU")
     refs = (qweight, qzeros, scales) + ((g_idx,) if g_idx is not None else ())
     entry = _CacheEntry(refs, versions, packed)
     if g_idx is None:

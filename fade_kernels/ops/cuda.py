@@ -23,6 +23,7 @@ import logging
 import torch
 
 from fade_kernels.ops.registry import Backend, register_backend
+from fade_kernels.packing import check_trivial_g_idx
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,6 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _check_static_g_idx(g_idx: torch.Tensor | None, in_features: int, group_size: int) -> None:
-    if g_idx is None:
-        return
-    if g_idx.shape != (in_features,):
-        raise ValueError(f"g_idx must have shape [K={in_features}], got {tuple(g_idx.shape)}")
-    trivial = torch.arange(in_features, device=g_idx.device) // group_size
-    if not torch.equal(g_idx.to(trivial.dtype), trivial):
-        raise ValueError(f"g_idx must be arange(K) // group_size with group_size={group_size}: the CUDA kernel "
-                         "reads static groups only (quantize act-order models with static groups)")
-
-
 def cuda_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
     """reference_forward's contract on the CUDA decode kernel: x (..., K) -> (..., N) in x's dtype.
@@ -96,7 +86,7 @@ def cuda_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     if scales.dim() != 2 or scales.shape[0] == 0 or k % scales.shape[0]:
         raise ValueError(f"scales must have shape [G, N] with G dividing K={k}, got {tuple(scales.shape)}")
     group_size = k // scales.shape[0]
-    _check_static_g_idx(g_idx, k, group_size)
+    check_trivial_g_idx(g_idx, k, group_size, "the CUDA")
     x2 = x.reshape(-1, k)                                                    # [M, K]
     m = x2.shape[0]
     if m == 0:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from fade_kernels.ops.reference import dequantize_weight
+from fade_kernels.ops.reference import input_gradient
 from fade_kernels.ops.registry import quant_linear_forward
 
 
@@ -56,11 +56,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     qweight, qzeros, scales, g_idx = ctx.saved_tensors
-    if g_idx is None:  # static groups
-        k = qweight.shape[0] * 32 // ctx.bits
-        g_idx = torch.arange(k, device=qweight.device) // (k // scales.shape[0])
-    weight = dequantize_weight(qweight, qzeros, scales, g_idx, ctx.bits, ctx.out_features)   # (N, K) fp32
-    grad_x = (grad_y.float() @ weight).to(grad_y.dtype)                                        # (..., K)
+    grad_x = input_gradient(grad_y, qweight, qzeros, scales, g_idx, ctx.bits, ctx.out_features)
     return grad_x, None, None, None, None, None, None, None, None, None
 
 

@@ -42,3 +42,15 @@ def quantize_activations_q8(x: torch.Tensor, group_size: int) -> tuple[torch.Ten
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(xg * inv).clamp(-127, 127).to(torch.int8).reshape(m, k)
     return q, (amax / 127.0).squeeze(-1)
+
+
+def input_gradient(grad_y: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
+    """dL/dx = dL/dy @ W_hat for y = x @ W_hat^T: the packed weight is frozen, so x is the only input
+    with a gradient. grad_y (..., N) float; the packed tensors as in dequantize_weight (g_idx None
+    means static groups). Returns (..., K) in grad_y's dtype, computed in float32."""
+    if g_idx is None:
+        k = qweight.shape[0] * 32 // bits
+        g_idx = torch.arange(k, device=qweight.device) // (k // scales.shape[0])
+    weight = dequantize_weight(qweight, qzeros, scales, g_idx, bits, out_features)   # (N, K) fp32
+    return (grad_y.float() @ weight).to(grad_y.dtype)                                  # (..., K)

@@ -48,9 +48,9 @@ import weakref
 
 import torch
 
-from fade_kernels.ops.reference import dequantize_weight
+from fade_kernels.ops.reference import input_gradient
 from fade_kernels.ops.registry import Backend, register_backend
-from fade_kernels.packing import padded_width
+from fade_kernels.packing import check_trivial_g_idx, padded_width
 
 logger = logging.getLogger(__name__)
 
@@ -337,13 +337,7 @@ def check_static_g_idx(g_idx: torch.Tensor | None, in_features: int, group_size:
     seen = _G_IDX_OK.get(key)
     if seen is not None and seen[0]() is g_idx and seen[1:] == (version, in_features, group_size):
         return
-    if tuple(g_idx.shape) != (in_features,):
-        raise ValueError(f"g_idx must have shape [K={in_features}], got {tuple(g_idx.shape)}")
-    static = torch.arange(in_features, device=g_idx.device) // group_size
-    if not torch.equal(g_idx.to(static.dtype), static):
-        raise ValueError(
-            f"g_idx must be arange(K) // group_size with group_size={group_size}: the Triton kernels do not gather "
-            "act-order permutations (quantize with static groups, which keeps g_idx trivial)")
+    check_trivial_g_idx(g_idx, in_features, group_size, "the Triton")
     _G_IDX_OK[key] = (weakref.ref(g_idx), version, in_features, group_size)
     weakref.finalize(g_idx, _G_IDX_OK.pop, key, None)
 
@@ -452,10 +446,8 @@ class _TritonQMatmulFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         qweight, qzeros, scales = ctx.saved_tensors
-        k = qweight.shape[0] * 32 // ctx.bits
-        g_idx = torch.arange(k, device=qweight.device) // ctx.group_size
-        weight = dequantize_weight(qweight, qzeros, scales, g_idx, ctx.bits, qweight.shape[1])   # [N, K] fp32
-        return (grad_y.float() @ weight).to(grad_y.dtype), None, None, None, None, None, None, None, None
+        grad_x = input_gradient(grad_y, qweight, qzeros, scales, None, ctx.bits, qweight.shape[1])
+        return grad_x, None, None, None, None, None, None, None, None
 
 
 def _run(x2, qweight, qzeros, scales, bias, bits, group_size, path, split_k):

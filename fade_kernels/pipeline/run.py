@@ -6,6 +6,7 @@ from torch import nn
 from fade_kernels.calib.resume import ResumeMismatchError, ResumeState
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
+from fade_kernels.io.checkpoint import build_quantization_config
 from fade_kernels.memory.cache import ActivationCache, load
 from fade_kernels.models.adapters import OWN_TOKENS, ModelAdapter
 from fade_kernels.pipeline.inputs import calibration_batches, cross_fitting_halves, decoder_first_call, encoder_first_call
@@ -14,16 +15,6 @@ from fade_kernels.pipeline.report import QuantizationReport
 from fade_kernels.pipeline.resume import BlockCommitter, replace_hidden_states, restore_finished_blocks
 from fade_kernels.pipeline.stack import PipelineObserver, StackQuantizer
 from fade_kernels.timing import StageTimer, stage
-
-
-def quantization_config_dict(config: QuantConfig, module_names: list[str]) -> dict:
-    """The `quantization_config` stored in config.json for a fade-kernels checkpoint."""
-    return {
-        "quant_method": "fade", "checkpoint_format": "fade", "method": config.method,
-        "bits": config.bits, "group_size": config.group_size, "sym": config.sym, "desc_act": config.act_order,
-        "modules": {name: {"bits": config.bits, "group_size": config.group_size, "sym": config.sym}
-                    for name in module_names},
-    }
 
 
 def run_pipeline(model: nn.Module, samples: list[CalibSample], config: QuantConfig, batch_size: int,
@@ -115,5 +106,10 @@ def run_pipeline(model: nn.Module, samples: list[CalibSample], config: QuantConf
                                   dec_masks, halves, dec_fp_calls if two_chain else None, start=next_block)
     for entry in hidden + (fp_hidden or []) + encoder_outputs + (fp_encoder_outputs or []):
         cache.release(entry)
-    model.config.quantization_config = quantization_config_dict(config, stack.quantized)
+    # What save_quantized will write, already on the model: method, desc_act, each layer's grid,
+    # and the patterns of the layers kept in full precision.
+    recorded = {"method": config.method, "desc_act": config.act_order}
+    if config.skip_modules:
+        recorded["skip_modules"] = list(config.skip_modules)
+    model.config.quantization_config = build_quantization_config(model, recorded)
     return report

@@ -248,7 +248,11 @@ class StackQuantizer:
         return accumulator, reads_encoder_output
 
     def _solve_group(self, block, block_name, group, calls, masks, halves, fp_rows, stack_name, block_index):
-        modules = [block.get_submodule(name) for name in group.names]
+        # Layers the config keeps in full precision are left as they are: never solved nor packed.
+        names = [name for name in group.names if not self.config.skips(f"{block_name}.{name}")]
+        if not names:
+            return
+        modules = [block.get_submodule(name) for name in names]
         width = modules[0].in_features
         shared_key = (stack_name, group.names)
         gathered = self.shared_inputs.get(shared_key)
@@ -264,13 +268,14 @@ class StackQuantizer:
                 self.shared_inputs[shared_key] = gathered
         stats = gathered.stats
         excluded = [group.role in self.config.qep_exclude or name in self.config.qep_exclude
-                    or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in group.names]
-        with self.timer("solve"), solving(", ".join(f"{block_name}.{name}" for name in group.names)):
+                    or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in names]
+        # AWQ rescales the group's shared input: a full-precision reader of it would see x / s.
+        can_rescale = len(names) == len(group.names) and self._can_rescale(block, block_name, group, width)
+        with self.timer("solve"), solving(", ".join(f"{block_name}.{name}" for name in names)):
             solutions = solve_linear_group([m.weight for m in modules], stats, self.config, gathered.half_stats,
-                                           gathered.act_mean_abs, excluded, self._can_rescale(block, group, width),
-                                           gathered.factor_cache)
+                                           gathered.act_mean_abs, excluded, can_rescale, gathered.factor_cache)
         input_scale = solutions[0].input_scale
-        for name, module, solution in zip(group.names, modules, solutions):
+        for name, module, solution in zip(names, modules, solutions):
             weight_hat = dequantize_grouped(solution.codes, solution.scales, solution.zeros)
             if input_scale is not None:
                 # The codes represent W diag(s); the model now computes with that weight on x / s.
@@ -302,16 +307,17 @@ class StackQuantizer:
         if input_scale is not None:
             self._fold_input_scale(block, block_name, group, input_scale)
 
-    @staticmethod
-    def _can_rescale(block, group, width: int) -> bool:
+    def _can_rescale(self, block, block_name, group, width: int) -> bool:
         """Whether the group's input can be divided by AWQ's scales exactly (see LinearGroup.scale_into)."""
         if group.scale_into is None:
             return False
         source = block.get_submodule(group.scale_into)
         if isinstance(source, nn.LayerNorm):
             return source.weight is not None
-        # v_proj rows map one to one onto out_proj inputs only without grouped-query attention.
-        return isinstance(source, nn.Linear) and source.out_features == width
+        # v_proj rows map one to one onto out_proj inputs only without grouped-query attention,
+        # and only a solved v_proj has group scales to divide.
+        return (isinstance(source, nn.Linear) and source.out_features == width
+                and f"{block_name}.{group.scale_into}" in self.solved)
 
     def _fold_input_scale(self, block, block_name, group, input_scale):
         """Divide the group's input by s where that is exact: the post-step of AWQ's input-channel scales."""

@@ -34,7 +34,8 @@ import torch
 from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.numerics import check_finite, check_float16_scales, warn_if_all_zero_hessian
 from fade_kernels.solver.factor import FACTOR_METHODS, damped_hessian, inverse_cholesky_upper
-from fade_kernels.solver.grid import CLIP_METHODS, compute_grid, dequantize_codes, quantize_to_codes
+from fade_kernels.solver.grid import (CLIP_METHODS, StaticGrids, check_static_grids, compute_grid, dequantize_codes,
+                                      quantize_to_codes, static_group_grids)
 from fade_kernels.timing import stage
 
 __all__ = ["GPTQResult", "GPTQFactor", "SweepResult", "StaticGrids", "gptq_quantize", "gptq_quantize_shared",
@@ -68,15 +69,6 @@ class GPTQResult(NamedTuple):
     zeros: torch.Tensor
     perm: torch.Tensor | None
     loss: float
-
-
-class StaticGrids(NamedTuple):
-    """Act-order with static groups: scales float32 (N, G) and zeros float32 (N, G, integer-valued)
-    computed before the sweep; column_group int64 (K,): the group of each sweep column."""
-
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    column_group: torch.Tensor
 
 
 class SweepResult(NamedTuple):
@@ -185,12 +177,8 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
     # layout may round differently, and then the weights of later blocks would differ.
     U = U.contiguous()
     if static_grids is not None:
+        check_static_grids(static_grids, n_rows, n_cols, n_groups)
         scales, zeros, column_group = static_grids
-        if scales.shape != (n_rows, n_groups) or zeros.shape != (n_rows, n_groups):
-            raise ValueError(f"static_grids scales/zeros must have shape ({n_rows}, {n_groups}), got "
-                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
-        if column_group.shape != (n_cols,):
-            raise ValueError(f"static_grids.column_group must have shape ({n_cols},), got {tuple(column_group.shape)}")
         scales, zeros = scales.float().contiguous(), zeros.float().contiguous()
         groups = column_group.to(torch.int32).contiguous() if impl == "cpp" else column_group.tolist()
     else:
@@ -312,32 +300,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, bits: int 
             sweep = "triton"
         else:
             sweep = "cpp" if not _CPP_SWEEP_ERROR and weight.device.type == "cpu" else "torch"
-    g = resolve_group_size(group_size, n_cols)
-    n_groups = n_cols // g
+    resolve_group_size(group_size, n_cols)   # raises unless the group size divides K
 
     W = weight.detach().clone().float()
     W[:, prepared.dead] = 0.0
 
-    perm, static_grids = prepared.perm, None
+    perm, grids = prepared.perm, None
     diag = prepared.diag
     if clip == "hessian" and diag is None:
         raise ValueError("clip='hessian' needs a factor built by prepare_gptq_factor (it carries diag H)")
     if act_order:
         # Static groups: every grid comes from the original grouping before any update.
-        scales = torch.zeros(n_rows, n_groups)
-        zeros = torch.zeros(n_rows, n_groups)
-        for grp in range(n_groups):
-            cols = slice(grp * g, (grp + 1) * g)
-            scales[:, grp:grp + 1], zeros[:, grp:grp + 1] = compute_grid(
-                W[:, cols], bits, sym, clip, None if diag is None else diag[cols])
+        grids = static_group_grids(W, perm, bits, group_size, sym, clip, diag)
         W = W[:, perm]
-        static_grids = StaticGrids(scales, zeros, perm // g)
     sweep_diag = None
     if clip == "hessian" and not act_order:
         sweep_diag = diag.float().contiguous()
 
     with stage("sweep"):
-        swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, static_grids, impl=sweep,
+        swept = gptq_sweep(W, prepared.upper, bits, group_size, sym, block_size, grids, impl=sweep,
                            clip="minmax" if act_order else clip, hessian_diag=sweep_diag)
     check_float16_scales(swept.scales)   # the fused kernels compute their grids themselves
     codes = swept.codes

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from fade_kernels.config import CLIP_METHODS
+from fade_kernels.config import CLIP_METHODS, resolve_group_size, validate_grid_args
 from fade_kernels.numerics import check_float16_scales
 
 # Smallest positive float16 subnormal: a scale below it would round to 0 in the checkpoint.
@@ -31,6 +31,15 @@ _MIN_FP16_SCALE = 2.0 ** -24
 
 
 CLIP_SHRINK = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+class StaticGrids(NamedTuple):
+    """Act-order with static groups: scales float32 (N, G) and zeros float32 (N, G, integer-valued)
+    computed before the sweep; column_group int64 (K,): the group of each sweep column."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    column_group: torch.Tensor
 
 
 class Grid(NamedTuple):
@@ -140,3 +149,46 @@ def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     g = K / G. Returns float32 (N, K)."""
     group = codes.shape[1] // scales.shape[1]
     return dequantize_codes(codes, expand_groups(scales, group), expand_groups(zeros.float(), group))
+
+
+def static_group_grids(weight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int,
+                       sym: bool = False, clip: str = "minmax",
+                       column_weight: torch.Tensor | None = None) -> StaticGrids:
+    """Static-group grids for GPTQ with act-order (docs/methods.md §3, step 2).
+
+    weight: float (N, K) in ORIGINAL column order (dead columns already zeroed); perm: int64 (K,)
+    sweep order (sweep column j is original column perm[j]), or None for the identity.
+    Every group's grid comes from the original grouping before any update (compute_grid, with
+    `clip`; column_weight float (K,) in original order is the Hessian diagonal clip="hessian" needs).
+    """
+    validate_grid_args(bits, group_size)
+    n_rows, n_cols = weight.shape
+    g = resolve_group_size(group_size, n_cols)
+    if clip == "hessian":
+        if column_weight is None:
+            raise ValueError("clip='hessian' needs column_weight (the Hessian diagonal, shape (K,))")
+        grids = [compute_grid(weight[:, i:i + g], bits, sym, clip, column_weight[i:i + g])
+                 for i in range(0, n_cols, g)]
+        scales = torch.cat([grid.scales for grid in grids], 1)
+        zeros = torch.cat([grid.zeros for grid in grids], 1)
+    else:
+        groups = weight.float().reshape(n_rows, n_cols // g, g).transpose(0, 1).reshape(-1, g)
+        scales, zeros = compute_grid(groups, bits, sym, clip)  # rows are (group, row) pairs
+        scales = scales.reshape(n_cols // g, n_rows).t().contiguous()
+        zeros = zeros.reshape(n_cols // g, n_rows).t().contiguous()
+    order = torch.arange(n_cols, device=weight.device) if perm is None else perm.to(weight.device)
+    return StaticGrids(scales, zeros, order // g)
+
+
+def check_static_grids(grids: StaticGrids, n_rows: int, n_cols: int, n_groups: int) -> None:
+    """Raise a ValueError naming the field when `grids` does not fit an (n_rows, n_cols) sweep
+    with n_groups groups per row."""
+    scales, zeros, column_group = grids
+    if tuple(scales.shape) != (n_rows, n_groups) or tuple(zeros.shape) != (n_rows, n_groups):
+        raise ValueError(f"static_grids scales/zeros must have shape ({n_rows}, {n_groups}), got "
+                         f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+    if tuple(column_group.shape) != (n_cols,):
+        raise ValueError(f"static_grids.column_group must have shape ({n_cols},), got {tuple(column_group.shape)}")
+    if n_cols and (int(column_group.min()) < 0 or int(column_group.max()) >= n_groups):
+        raise ValueError(f"static_grids.column_group must lie in [0, {n_groups}), got values in "
+                         f"[{int(column_group.min())}, {int(column_group.max())}]")

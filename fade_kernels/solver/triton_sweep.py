@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 
 from fade_kernels.config import resolve_group_size, validate_grid_args
-from fade_kernels.solver.gptq import StaticGrids
-from fade_kernels.solver.grid import compute_grid
+from fade_kernels.solver.grid import StaticGrids, check_static_grids, static_group_grids
 
 # 1.5 * 2^23: adding it lands every |x| <= 2^22 in the binade [2^23, 2^24) where the float32
 # spacing is 1, so the addition rounds x to an integer (ties to even); subtracting is exact.
@@ -197,23 +196,8 @@ class TritonSweepResult(NamedTuple):
     zeros: torch.Tensor
 
 
-def static_grids_for(weight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int,
-                     sym: bool = False) -> StaticGrids:
-    """Static-group grids as `gptq_quantize(act_order=True)` computes them.
-
-    weight: float (N, K) in ORIGINAL column order (dead columns already zeroed); perm: int64 (K,)
-    sweep order (sweep column j is original column perm[j]), or None for the identity.
-    Every group's grid comes from the original grouping before any update (grid.compute_grid).
-    """
-    validate_grid_args(bits, group_size)
-    n_rows, n_cols = weight.shape
-    g = resolve_group_size(group_size, n_cols)
-    groups = weight.float().reshape(n_rows, n_cols // g, g).transpose(0, 1).reshape(-1, g)
-    scales, zeros = compute_grid(groups, bits, sym)  # rows are (group, row) pairs
-    scales = scales.reshape(n_cols // g, n_rows).t().contiguous()
-    zeros = zeros.reshape(n_cols // g, n_rows).t().contiguous()
-    order = torch.arange(n_cols, device=weight.device) if perm is None else perm.to(weight.device)
-    return StaticGrids(scales, zeros, order // g)
+# The static-group grids of gptq_quantize(act_order=True), under the name this module's callers use.
+static_grids_for = static_group_grids
 
 
 def _check_runnable(weight: torch.Tensor) -> None:
@@ -270,15 +254,8 @@ def triton_gptq_sweep(weight: torch.Tensor, u_factor: torch.Tensor, bits: int, g
     U = u_factor.detach().to(torch.float32).contiguous()
     codes = torch.empty(n_rows, n_cols, dtype=torch.int32, device=device)
     if static_grids is not None:
+        check_static_grids(static_grids, n_rows, n_cols, n_groups)
         scales, zeros, column_group = static_grids
-        if tuple(scales.shape) != (n_rows, n_groups) or tuple(zeros.shape) != (n_rows, n_groups):
-            raise ValueError(f"static_grids scales/zeros must have shape ({n_rows}, {n_groups}), got "
-                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
-        if tuple(column_group.shape) != (n_cols,):
-            raise ValueError(f"static_grids.column_group must have shape ({n_cols},), got {tuple(column_group.shape)}")
-        if n_cols and (int(column_group.min()) < 0 or int(column_group.max()) >= n_groups):
-            raise ValueError(f"static_grids.column_group must lie in [0, {n_groups}), got values in "
-                             f"[{int(column_group.min())}, {int(column_group.max())}]")
         scales = scales.to(device=device, dtype=torch.float32).contiguous()
         zeros = zeros.to(device=device, dtype=torch.float32).contiguous()
         gidx = column_group.to(device=device, dtype=torch.int32).contiguous()

@@ -68,6 +68,7 @@ def test_cache_with_zero_budget_and_empty_tensor(tmp_path):
         ActivationCache(max_bytes=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("fade", 0), ("qep", "150KB"), ("gptq", 0)])
 def test_results_on_disk_equal_results_in_ram(method, budget, tmp_path):
     """Every cache (both chains' inputs, encoder outputs, the twin's group inputs) through files, or
@@ -85,6 +86,7 @@ def test_results_on_disk_equal_results_in_ram(method, budget, tmp_path):
     assert list(tmp_path.iterdir()) == []   # the spill folder is removed
 
 
+@pytest.mark.slow
 def test_offload_folder_defaults_into_the_resume_folder(tmp_path, monkeypatch):
     seen = []
     original = ActivationCache._spill
@@ -148,6 +150,7 @@ def test_stage_timers_of_two_threads_stay_apart():
             pass
 
 
+@pytest.mark.slow
 def test_report_has_seconds_per_stage():
     report = quantize_model(short_whisper(), short_samples(n=2), QuantConfig(method="gptq", bits=4, group_size=32),
                             batch_size=2, progress=False)
@@ -169,6 +172,7 @@ def file_ranges(path) -> list[tuple[int, int]]:
     return ranges
 
 
+@pytest.mark.slow
 def test_blocks_not_yet_processed_stay_memory_mapped(tmp_path):
     """from_pretrained memory-maps a float32 safetensors file; the pipeline must not copy the
     weights of blocks it has not reached (only the current block is written and packed)."""
@@ -231,6 +235,7 @@ def test_release_file_pages_hands_back_mapped_pages_and_leaves_the_heap_alone(tm
     assert torch.equal(heap, copy_of_heap)
 
 
+@pytest.mark.slow
 def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp_path):
     """A memory-mapped model (from_pretrained) and an in-RAM copy of it quantize to the same
     tensors; only the mapped one releases pages."""
@@ -246,6 +251,7 @@ def test_packed_blocks_give_back_their_mapped_weights_with_identical_results(tmp
     assert_identical(quantized_tensors(mapped), quantized_tensors(in_ram))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,method", [("whisper", "gptq"), ("whisper", "awq"), ("moonshine", "fade")])
 def test_replaying_quantized_linear_outputs_changes_nothing(family, method, tiny_whisper, tiny_moonshine):
     """Later passes over a block reuse the outputs of its already-solved linears; the result must

@@ -51,6 +51,7 @@ def test_statistics_drop_masked_rows():
     torch.testing.assert_close(stats.hessian.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["whisper", "moonshine"])
 @pytest.mark.parametrize("bits,threshold", [(4, 0.2), (3, 0.4)])
 def test_every_target_is_quantized_and_logits_stay_close(family, bits, threshold, tiny_whisper, tiny_moonshine):
@@ -78,6 +79,7 @@ def test_every_target_is_quantized_and_logits_stay_close(family, bits, threshold
     assert generated.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_gptq_layer_errors_below_rtn(tiny_whisper):
     samples = whisper_samples()
     errors = {}
@@ -88,6 +90,7 @@ def test_gptq_layer_errors_below_rtn(tiny_whisper):
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 
+@pytest.mark.slow
 def test_padded_frames_and_tokens_are_excluded(tiny_whisper):
     samples = whisper_samples(n=2, max_seconds=2)   # 1 s and 2 s of 30 s windows
     report = quantize_model(tiny_whisper, samples, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)

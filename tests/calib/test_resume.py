@@ -15,12 +15,13 @@ from fade_kernels.calib import resume as resume_module
 from fade_kernels.calib.resume import ResumeMismatchError, ResumeState
 from fade_kernels.calib.samples import CalibSample
 
-# Tiny matrices; the kill test's child uses one thread as well.
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # 150 encoder positions = 300 mel frames (a 3 s window): the pipeline is the same as at 1500,
 # ten times cheaper.
 SHORT = dict(max_source_positions=150)
+
+# Whole-model runs on small random models, and a killed subprocess; tiny matrices, one thread
+# (the kill test's child uses one thread as well).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def short_whisper(seed=0, **overrides):
@@ -164,6 +165,7 @@ with open(out_dir + "/report.json", "w") as fh:
 """
 
 
+@pytest.mark.subprocess
 def test_sigkill_and_restart_gives_the_uninterrupted_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
 

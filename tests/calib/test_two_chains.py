@@ -10,6 +10,8 @@ from fade_kernels.models.adapters import get_adapter
 
 from test_pipeline import moonshine_samples, relative_logits_error, whisper_samples
 
+pytestmark = [pytest.mark.slow]
+
 
 def test_chains_agree_exactly_before_the_first_quantized_layer(tiny_whisper):
     class Recording(PipelineObserver):

@@ -81,6 +81,7 @@ def test_add_noise_snr_and_seed():
         add_noise(x, 10.0, np.random.default_rng(0), color="blue")
 
 
+@pytest.mark.slow
 def test_quick_devset_end_to_end(mk, tmp_path):
     """Tiny real synthesis (3 sentences); skipped where the engines are missing."""
     pytest.importorskip("piper")

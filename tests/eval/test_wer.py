@@ -101,6 +101,7 @@ def tiny_whisper():
     return model
 
 
+@pytest.mark.slow
 def test_transcribe_batches_and_bounds_length(tiny_whisper):
     from fade_kernels.eval import transcribe
 
@@ -129,6 +130,7 @@ def test_transcribe_batches_and_bounds_length(tiny_whisper):
     assert all(len(h.split()) == 6 for h in hyps)
 
 
+@pytest.mark.slow
 def test_evaluate_report(tiny_whisper, tmp_path):
     from fade_kernels.eval import evaluate
 

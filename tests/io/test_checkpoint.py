@@ -131,6 +131,7 @@ def test_tied_weight_is_stored_once(saved):
     assert "model.decoder.embed_tokens.weight" in names and "proj_out.weight" not in names
 
 
+@pytest.mark.slow
 def test_generate_matches_and_loaded_model_is_not_materialised_twice(saved):
     model, path = saved
     loaded = load_quantized(path)
@@ -184,6 +185,7 @@ def test_resave_of_loaded_model_keeps_config(saved, tmp_path):
     assert_same_state(loaded, again)
 
 
+@pytest.mark.slow
 def test_pipeline_with_loaded_model_and_processor(tmp_path):
     vocab = {f"t{i}": i for i in range(90)}
     vocab.update({"<|endoftext|>": 90, "<|startoftranscript|>": 91, "<|notimestamps|>": 92})

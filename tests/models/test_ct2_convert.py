@@ -28,6 +28,8 @@ from fade_kernels.models.ct2_convert import (
     read_ct2_model_bin,
 )
 
+pytestmark = [pytest.mark.slow]
+
 SOT, EOT, NO_TS = 50257, 50256, 50362
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -336,6 +336,7 @@ def test_forward_argument_errors():
         C.set_isa("neon")
 
 
+@pytest.mark.subprocess
 def test_missing_extension_is_recorded_not_raised():
     # A fresh interpreter where fade_kernels._C cannot be imported (as in a pure-Python install).
     code = (

@@ -21,6 +21,10 @@ import torch
 from fade_kernels.ops.reference import dequantize_weight
 from fade_kernels.packing import pack_codes, pack_qweight, pack_qzeros
 
+# Builds the CUDA kernel as a host library with the C++ compiler, once per module.
+pytestmark = [pytest.mark.compile]
+
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).with_name("test_cuda_qgemv_emulator.cpp")
 

@@ -30,6 +30,7 @@ def _args(layer, x, backend=None):
             layer.out_features, backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,bias,backend,grad", [(4, True, None, True), (3, False, "torch", False)])
 def test_opcheck(bits, bias, backend, grad, _fresh_seed):
     gen = torch.Generator().manual_seed(_fresh_seed)

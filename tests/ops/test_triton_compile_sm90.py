@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.compile, pytest.mark.subprocess]
+
 
 def test_kernels_compile_for_sm90_with_tensor_core_gemm():
     if importlib.util.find_spec("triton") is None:

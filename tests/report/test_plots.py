@@ -35,6 +35,7 @@ def make_report(method="fade", seed=0, with_fp=True, with_alpha=True):
             "n_calib": 4, "layers": layers}
 
 
+@pytest.mark.slow
 def test_per_layer_plots_write_pngs(tmp_path):
     fade = [make_report("fade", seed) for seed in range(3)]
     gptq = make_report("gptq", 9, with_fp=False, with_alpha=False)
@@ -100,6 +101,7 @@ def test_wer_per_method_seed(tmp_path):
         plots.plot_wer_per_method_seed({"runs": {}}, tmp_path / "none.png")
 
 
+@pytest.mark.slow
 def test_write_report_plots(tmp_path):
     paths = plots.write_report_plots(make_report(), tmp_path)
     assert [p.name for p in paths] == ["error_vs_depth.png", "alpha_per_layer.png", "rho_per_layer.png"]

@@ -131,6 +131,7 @@ def test_dead_channels_stay_finite():
     assert int(codes.min()) >= 0 and int(codes.max()) <= 7
 
 
+@pytest.mark.slow
 def test_clip_helps_and_ratios_come_from_the_grid():
     w, x = salient_problem(8)
     hessian, act = stats(x)

@@ -19,6 +19,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 7, 64, 257, 600])
 def test_float64_factors_agree(k, _fresh_seed):
     gen = torch.Generator().manual_seed(_fresh_seed)
@@ -31,6 +32,7 @@ def test_float64_factors_agree(k, _fresh_seed):
     assert rel_diff(reversed_.t() @ reversed_, inverse) < 1e-11
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [5, 128, 513])
 def test_float32_factor_as_accurate_as_three_step(k, _fresh_seed):
     # Both float32 factors against the float64 truth. The reversed one may be 2x as far off as

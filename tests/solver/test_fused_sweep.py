@@ -49,6 +49,7 @@ def test_gptq_quantize_cpp_equals_torch(bits, sym, group_size, k, act_order, _fr
                        gptq_quantize(weight, hessian, sweep="torch", **kwargs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size,group_size",
                          [(1, 32), (5, 32), (7, -1), (32, 128), (48, 32), (128, 64), (300, 32)])
 def test_blocks_not_aligned_with_groups(block_size, group_size, _fresh_seed):

@@ -178,6 +178,7 @@ def test_gram_accumulator_halves_add_up_to_the_whole():
         acc.add(x_hat, None, half)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [1300, 1280])
 def test_block_symmetric_gram_accumulation_matches_float64(width):
     """Above GRAM_BLOCK columns only the block upper triangle is accumulated and then mirrored:

@@ -13,6 +13,10 @@ from fade_kernels.solver.grid import compute_grid
 from fade_kernels.solver.triton_sweep import static_grids_for, triton_gptq_sweep
 
 
+# The Triton GPTQ sweep under the interpreter.
+pytestmark = [pytest.mark.slow]
+
+
 def correlated_hessian(k: int, gen: torch.Generator) -> torch.Tensor:
     """H = X X^T / T (K, K) for strongly correlated inputs, like real activations."""
     mixing = torch.randn(k, k, generator=gen) / k ** 0.5 + torch.eye(k)

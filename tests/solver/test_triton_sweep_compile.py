@@ -13,6 +13,8 @@ import pytest
 
 from fade_kernels.solver import triton_sweep_compile_check as check
 
+pytestmark = [pytest.mark.compile, pytest.mark.subprocess]
+
 
 def test_sweep_kernel_compiles_for_sm90_without_fma_or_approximate_division():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

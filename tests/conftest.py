@@ -15,8 +15,8 @@ import pytest
 import torch
 
 # pytester runs the seed-report test; reliability.faults holds the fault tests' fixtures (tiny model
-# folder, a checkpoint, the `fade` runner).
-pytest_plugins = ["pytester", "reliability.faults"]
+# folder, a checkpoint, the `fade` runner), ops.kernel_isa the kernel tests' `isa` fixture.
+pytest_plugins = ["pytester", "reliability.faults", "ops.kernel_isa"]
 
 
 def tiny_whisper_config(**overrides):

@@ -274,16 +274,16 @@ def transcribe(
         with torch.inference_mode(), _generation_setup(model) as processors, tqdm(
             total=len(audios), desc="decode", unit="utt", disable=not progress, leave=False
         ) as bar:
-            # Multilingual checkpoints: force <|en|><|transcribe|> (the prompt calibration uses).
-            extra = generate_prompt_kwargs(model)
+            # Multilingual checkpoints: force <|en|><|transcribe|> (the prompt calibration uses) unless
+            # the caller names a language or task; both decoders get the same prompt.
+            forced = generate_prompt_kwargs(model)
+            language = language if language is not None else forced.get("language")
+            task = task if task is not None else forced.get("task")
+            extra = {name: value for name, value in (("language", language), ("task", task)) if value is not None}
             if processors:
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList(processors)
-            if language is not None:
-                extra["language"] = language
-            if task is not None:
-                extra["task"] = task
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs = prepare_inputs(processor, [audios[i] for i in idx], model)

@@ -62,9 +62,29 @@ def test_decoding_passes_the_prompt_to_generate(tiny_whisper, monkeypatch):
     monkeypatch.setattr(model, "generate", fake_generate)
     processor = types.SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=80),
                                       batch_decode=lambda ids, skip_special_tokens: ["" for _ in ids])
-    transcribe(model, processor, [np.zeros(16000, np.float32)], progress=False)
+    transcribe(model, processor, [np.zeros(16000, np.float32)], progress=False, decoder="generate")
     assert seen and seen[0]["language"] == "en" and seen[0]["task"] == "transcribe"
 
+
+def test_lean_decoding_forces_the_english_prompt(tiny_whisper, monkeypatch):
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    from fade_kernels.eval import greedy
+    from fade_kernels.eval.decode import transcribe
+
+    model = _make_multilingual(tiny_whisper)
+    seen = []
+
+    def fake_generate(self, encoded, max_new_tokens, language=None, task=None):
+        seen.append((language, task))
+        return torch.full((encoded.shape[0], 1), 2)
+
+    monkeypatch.setattr(greedy.WhisperGreedyDecoder, "generate", fake_generate)
+    processor = types.SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                                      batch_decode=lambda ids, skip_special_tokens: ["" for _ in ids])
+    transcribe(model, processor, [np.zeros(16000, np.float32)], progress=False, decoder="lean")
+    assert seen == [("en", "transcribe")]
 
 def _fake_split_package(tmp_path, monkeypatch, payload_a: bytes, payload_b: bytes):
     data = tmp_path / "pkg1" / "data"

@@ -1,4 +1,5 @@
-"""Fixtures of the kernel tests."""
+"""The `isa` fixture of the kernel tests (a plugin of tests/conftest.py: a conftest.py here would
+shadow the root one for `from conftest import ...`)."""
 from __future__ import annotations
 
 import pytest

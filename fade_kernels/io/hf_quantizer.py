@@ -156,6 +156,12 @@ class FadeHfQuantizer(HfQuantizer):
             resolved[name] = saved_name
         self.modules_to_quantize = resolved
         if checkpoint_files:
+            from fade_kernels.io.integrity import verify_checksums
+
+            # The digests recorded at save time (fade_checksums.json), as load_quantized checks them:
+            # a damaged file is an IntegrityError naming it, never a silently different model.
+            for folder in sorted({str(Path(file).parent) for file in checkpoint_files}):
+                verify_checksums(folder)
             _check_checkpoint_headers(model, resolved, checkpoint_files)
         return model
 

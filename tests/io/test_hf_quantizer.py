@@ -26,6 +26,7 @@ from transformers.quantizers import auto as hf_auto
 
 from fade_kernels.config import QuantConfig
 from fade_kernels.io import CheckpointError, load_quantized, quantized_modules, save_quantized
+from fade_kernels.io.integrity import CHECKSUMS_NAME, IntegrityError
 from fade_kernels.io.hf_quantizer import FadeHfQuantizer, FadeQuantConfig, is_registered, register_with_transformers
 from fade_kernels.models.adapters import get_adapter
 from fade_kernels.nn import QuantLinear, replace_linears
@@ -172,7 +173,19 @@ def test_damaged_checkpoint_raises_before_loading(checkpoints, tmp_path, damage)
         match = "'model.encoder.layers.0.fc1.scales' has dtype F32"
     if damage in ("missing", "dtype"):
         save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    (broken / CHECKSUMS_NAME).unlink()   # the structural checks themselves, not the digests
     with pytest.raises(CheckpointError, match=match):
+        AutoModelForSpeechSeq2Seq.from_pretrained(broken)
+
+
+def test_from_pretrained_verifies_the_digests(checkpoints, tmp_path):
+    _, path = checkpoints["whisper", 3]
+    broken = shutil.copytree(path, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10   # inside the last tensor's bytes: the header still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
         AutoModelForSpeechSeq2Seq.from_pretrained(broken)
 
 

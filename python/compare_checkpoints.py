@@ -44,6 +44,10 @@ def save(args) -> int:
     from fade_kernels.io.checkpoint import save_quantized
     from fade_kernels.models.bundled import load_model_and_processor
 
+    # One thread: a GEMM's rounding depends on how it is split across threads, and the quantized
+    # encoder's output (which the decoder's cross-attention statistics read) goes through GEMMs,
+    # so checkpoints saved with different thread counts differ in the decoder's codes.
+    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     utterances = select_subset(load_corpus(args.calib), args.n_calib, args.seed)

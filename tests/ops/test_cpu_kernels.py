@@ -58,9 +58,10 @@ def _build_layer(k: int, n: int, bits: int, group_size: int, sym: bool, bias: bo
     return QuantLinear.from_linear(linear, bits=bits, group_size=group_size, sym=sym)
 
 
-def random_gptq(k: int, n: int, bits: int, group_size: int, seed: int = 0):
-    """Arbitrary codes / zeros / scales (every code value and every zero), packed."""
-    g = torch.Generator().manual_seed(seed)
+def random_gptq(k: int, n: int, bits: int, group_size: int, seed: int = 0, generator: torch.Generator | None = None):
+    """Arbitrary codes / zeros / scales (every code value and every zero), packed:
+    (qweight, qzeros, scales, g_idx). Drawn from `generator` when given, else from `seed`."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     groups = k // group_size
     codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.int32)
     zeros = torch.randint(0, 2 ** bits, (n, groups), generator=g, dtype=torch.int32)

@@ -19,7 +19,9 @@ import torch
 
 from fade_kernels.ops import cpu
 from fade_kernels.ops.reference import dequantize_weight, quantize_activations_q8
-from fade_kernels.packing import pack_qweight, pack_qzeros
+from fade_kernels.packing import pack_qweight
+
+from test_cpu_kernels import random_gptq  # arbitrary packed GPTQ weights
 
 AVAILABLE, REASON = cpu.cpu_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU extension not built: {REASON}")
@@ -29,16 +31,6 @@ ISAS = cpu._C.supported_isas() if AVAILABLE else []
 
 def fresh_seed() -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-
-
-def random_gptq(k: int, n: int, bits: int, group_size: int, gen: torch.Generator):
-    """Arbitrary codes, zeros and scales (every value), packed: (qweight, qzeros, scales, g_idx)."""
-    groups = k // group_size
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(0, 2 ** bits, (n, groups), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(groups, n, generator=gen) * 0.1 + 1e-3).half()
-    g_idx = (torch.arange(k) // group_size).to(torch.int32)
-    return pack_qweight(codes, bits), pack_qzeros(zeros, bits), scales, g_idx
 
 
 def activations(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +114,7 @@ def test_int8_forward_within_bound(isa, m, k, n, group_size, bits):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     gs = k if group_size == -1 else group_size
-    qweight, qzeros, scales, g_idx = random_gptq(k, n, bits, gs, gen)
+    qweight, qzeros, scales, g_idx = random_gptq(k, n, bits, gs, generator=gen)
     bias = torch.randn(n, generator=gen)
     packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits, group_size)
     x = activations(m, k, gen)
@@ -135,7 +127,7 @@ def test_int8_forward_within_bound(isa, m, k, n, group_size, bits):
 def test_int8_forward_identical_across_kernel_families(bits):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    qweight, qzeros, scales, _ = random_gptq(416, 70, bits, 32, gen)
+    qweight, qzeros, scales, _ = random_gptq(416, 70, bits, 32, generator=gen)
     packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits)
     x, bias = activations(7, 416, gen), torch.randn(70, generator=gen)
     before = cpu._C.active_isa()
@@ -155,7 +147,7 @@ def test_int8_forward_identical_across_kernel_families(bits):
 def test_int8_forward_bf16_and_fp16_activations(isa, bits):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    qweight, qzeros, scales, g_idx = random_gptq(384, 40, bits, 128, gen)
+    qweight, qzeros, scales, g_idx = random_gptq(384, 40, bits, 128, generator=gen)
     packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits)
     x = activations(3, 384, gen)
     y32 = cpu.cpu_forward_packed(x.bfloat16().float(), packed, activations="int8")
@@ -171,7 +163,7 @@ def test_int8_forward_bf16_and_fp16_activations(isa, bits):
 def test_auto_mode_picks_int8_only_for_small_m_on_vnni(monkeypatch):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    qweight, qzeros, scales, _ = random_gptq(384, 64, 4, 128, gen)
+    qweight, qzeros, scales, _ = random_gptq(384, 64, 4, 128, generator=gen)
     packed = cpu.repack_for_cpu(qweight, qzeros, scales, 4)
     monkeypatch.setattr(cpu, "INT8_MAX_M", 4)
     for m in (1, 4, 5):

@@ -2,7 +2,8 @@
 fresh torch seed per test that a failure report prints.
 
 Tiers (markers registered in pyproject.toml): `pytest -q` runs everything (CI);
-`pytest -q -m "not slow and not compile and not subprocess"` is the quick tier for daily work.
+`pytest -q -m "not slow"` is the quick tier for daily work: tests marked `compile` or
+`subprocess` count as slow too (`pytest_collection_modifyitems` below adds the marker).
 """
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+def pytest_collection_modifyitems(config, items):
+    # Compiling for a GPU and starting processes take seconds each: both leave the quick tier.
+    for item in items:
+        if item.get_closest_marker("compile") or item.get_closest_marker("subprocess"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -159,6 +159,7 @@ def test_transcribe_lean_equals_transcribe_generate(one_thread, _fresh_seed):
         transcribe(model, _Processor(), audios, decoder="lean", progress=False)
 
 
+@pytest.mark.slow
 def test_bundled_tiny_en_same_tokens_as_generate():
     """Real weights and speech: espeak-ng sentences of different lengths, batch 1 and 3."""
     from fade_kernels.data.synth import SynthesisUnavailable, synthesize_espeak

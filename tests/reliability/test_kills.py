@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from faults import quantize_args
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.subprocess]
 
 _CHILD = textwrap.dedent('''
     import os, signal, sys

@@ -19,7 +19,9 @@ Formats (EXPORT_FORMATS):
 
 Everything outside the quantized linears is written as the model holds it, so layers a method
 changed in full precision (AWQ's input scales folded into LayerNorms) are written as their
-folded dense weights. The directory is written atomically (a temporary folder renamed into
+folded dense weights. A compact output projection (head format bf16/bits8/bits4, nn/head.py),
+which neither target knows, is written as the float32 token embedding it is tied to, holding
+the values the compact head multiplies by. The directory is written atomically (a temporary folder renamed into
 place) with the processor files beside the weights and a `fade_export.json` naming the format.
 An existing non-empty `out_dir` is replaced only when it holds that file (an earlier export);
 anything else is refused, so a user's folder (or the quantized checkpoint itself) is never
@@ -90,6 +92,7 @@ def export_checkpoint(model_or_dir: "nn.Module | str | os.PathLike", out_dir: st
     from torch import nn
 
     from fade_kernels.io.checkpoint import atomic_directory, load_quantized
+    from fade_kernels.nn.head import dense_head
 
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
@@ -100,23 +103,24 @@ def export_checkpoint(model_or_dir: "nn.Module | str | os.PathLike", out_dir: st
         model = load_quantized(model_or_dir)
         if processor is None:
             processor = _source_processor(Path(model_or_dir))
-    if format == "compressed-tensors":
-        from fade_kernels.io.compressed_tensors import compressed_state_dict, write_compressed_tensors
+    with dense_head(model):
+        if format == "compressed-tensors":
+            from fade_kernels.io.compressed_tensors import compressed_state_dict, write_compressed_tensors
 
-        compressed_state_dict(model)          # refusals before any folder is created
-        writer = lambda tmp: write_compressed_tensors(model, tmp)  # noqa: E731
-    else:
-        from fade_kernels.io.gptq_format import check_vllm_gptq, write_gptq
+            compressed_state_dict(model)          # refusals before any folder is created
+            writer = lambda tmp: write_compressed_tensors(model, tmp)  # noqa: E731
+        else:
+            from fade_kernels.io.gptq_format import check_vllm_gptq, write_gptq
 
-        check_vllm_gptq(model)
-        writer = lambda tmp: write_gptq(model, tmp, "v1", quant_config, for_vllm=True)  # noqa: E731
-    with atomic_directory(out_dir) as tmp:
-        notes = writer(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        with open(tmp / EXPORT_MARKER, "w", encoding="utf-8") as fh:
-            json.dump({"format": format, "written_by": f"fade-kernels {_version()}"}, fh, indent=2)
-            fh.write("\n")
+            check_vllm_gptq(model)
+            writer = lambda tmp: write_gptq(model, tmp, "v1", quant_config, for_vllm=True)  # noqa: E731
+        with atomic_directory(out_dir) as tmp:
+            notes = writer(tmp)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            with open(tmp / EXPORT_MARKER, "w", encoding="utf-8") as fh:
+                json.dump({"format": format, "written_by": f"fade-kernels {_version()}"}, fh, indent=2)
+                fh.write("\n")
     if processor is None:
         notes.append(f"no processor was given (or found beside the source): {out_dir} holds no "
                      f"preprocessor_config.json/tokenizer files, which vLLM and transformers pipelines need")

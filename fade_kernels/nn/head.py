@@ -15,9 +15,14 @@ In every format the matrix is held once: the embedding module keeps a plain refe
 projection module (not a submodule), so state_dict() holds the projection's tensors only and a
 checkpoint stores the tie as one tensor (or one set of packed buffers). The embedding returns rows
 of exactly the weight the projection multiplies by (the dequantized rows for bits4/bits8).
+
+Other tools (vLLM, transformers without this package) know only the tied float pair; exports
+write it through `dense_head`, which puts it back for the duration of the write.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -196,3 +201,43 @@ def finish_head_after_loading(model: nn.Module) -> None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in own),
                      torch.float32)
         embedding._dtype = torch.zeros(0, dtype=dtype, device=_device_of(head))
+
+
+def dense_head_weight(model: nn.Module) -> torch.Tensor:
+    """float32 (vocab, d_model): the matrix `model`'s output projection multiplies by, in any head
+    format (a QuantLinear's dequantized weight, a bf16 weight widened exactly)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear):
+        return head.dequantize().float()
+    return head.weight.detach().float()
+
+
+@contextmanager
+def dense_head(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model` holds its output projection and token embedding as the plain
+    tied float32 pair (nn.Linear + nn.Embedding sharing dense_head_weight(model), the config's
+    tie_word_embeddings true), which is what other tools load; on exit the compact modules come
+    back unchanged. A model already in "fp32" is left as it is."""
+    if head_format(model) == "fp32":
+        yield model
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tie_word_embeddings = model.config.tie_word_embeddings
+    tied_keys = getattr(model, "all_tied_weights_keys", None)
+    weight = nn.Parameter(dense_head_weight(model), requires_grad=False)
+    linear = nn.Linear(head.in_features, head.out_features, bias=False, device=weight.device)
+    plain = nn.Embedding(head.out_features, head.in_features, device=weight.device)
+    linear.weight = plain.weight = weight
+    model.set_output_embeddings(linear)
+    model.set_input_embeddings(plain)
+    model.config.tie_word_embeddings = True
+    if tied_keys is not None:
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+    try:
+        yield model
+    finally:
+        model.set_output_embeddings(head)
+        model.set_input_embeddings(embedding)
+        model.config.tie_word_embeddings = tie_word_embeddings
+        if tied_keys is not None:
+            model.all_tied_weights_keys = tied_keys

@@ -156,6 +156,30 @@ def test_awq_folded_layernorms_are_written_as_folded_dense_weights(tmp_path):
     assert torch.equal(ours, back)
 
 
+@pytest.mark.parametrize("fmt,sym", [("compressed-tensors", False), ("gptq", True)])
+@pytest.mark.parametrize("head", ["bf16", "bits8", "bits4"])
+def test_compact_head_is_written_as_the_tied_float32_embedding(tmp_path, head, fmt, sym):
+    from fade_kernels.nn.head import apply_head_format, dense_head, dense_head_weight, head_format
+
+    model = quantized_whisper(sym=sym)
+    apply_head_format(model, head, group_size=32)
+    weight = dense_head_weight(model)
+    with dense_head(model):
+        reference = logits(model)                     # the same model with a plain float32 head
+    path = quiet_export(model, tmp_path / "out", fmt)
+    assert head_format(model) == head and model.config.tie_word_embeddings is False   # restored after the write
+    tensors = load_file(path / "model.safetensors")
+    assert not [k for k in tensors if k.startswith("proj_out")]
+    embedding = tensors["model.decoder.embed_tokens.weight"]
+    assert embedding.dtype == torch.float32 and torch.equal(embedding, weight)
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert "proj_out" not in json.dumps(config["quantization_config"].get("modules_in_block_to_quantize", []))
+    back = load_quantized(path)
+    assert torch.equal(back.get_output_embeddings().weight, weight)
+    assert torch.equal(logits(back), reference)
+
+
 # ----------------------------------------------------------------------------------------------
 # The CLI
 

@@ -1,7 +1,6 @@
 """QuantLinear: a drop-in nn.Linear replacement holding packed GPTQ-layout buffers."""
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -9,9 +8,19 @@ from torch import nn
 from fade_kernels.config import resolve_group_size, validate_grid_args
 from fade_kernels.numerics import check_finite, check_float16_scales
 from fade_kernels.ops.custom_op import quant_linear as quant_linear_op
-from fade_kernels.ops.registry import bind_forward, quant_linear_forward, tensor_version
+from fade_kernels.ops.registry import bind_forward, env_backend, quant_linear_forward, tensor_version
 from fade_kernels.packing import codes_per_run, pack_qweight, pack_qzeros, padded_width
 
+
+
+class _Binding:
+    """What a QuantLinear's bound forward was made for (QuantLinear._bound_forward)."""
+
+    __slots__ = ("qweight", "qzeros", "scales", "g_idx", "bias", "versions", "backend", "env", "m", "fn")
+
+    def __init__(self, qweight, qzeros, scales, g_idx, bias, versions, backend, env, m, fn):
+        self.qweight, self.qzeros, self.scales, self.g_idx, self.bias = qweight, qzeros, scales, g_idx, bias
+        self.versions, self.backend, self.env, self.m, self.fn = versions, backend, env, m, fn
 
 
 class QuantLinear(nn.Module):
@@ -90,43 +99,49 @@ class QuantLinear(nn.Module):
             raise ValueError(f"input must have at least 1 dimension (..., in_features={self.in_features}), got a 0-d tensor")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {x.shape[-1]}")
-        use_op = torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+        use_op = (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+        if not use_op and x.is_cpu:
+            y = self._bound_forward(x)
+            if y is not None:
+                return y
         # The buffers straight from the buffer dict (nn.Module.__getattr__ per buffer costs ~1 µs).
+        buffers = self._buffers
+        bias = buffers.get("bias")
+        if bias is None:
+            bias = self.bias  # None, or a bias held some other way (a parameter)
+        forward = quant_linear_op if use_op else quant_linear_forward
+        return forward(x, buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["g_idx"], bias, self.bits,
+                       self.group_size, self.out_features, self.backend)
+
+    def _bound_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The decode-step fast path: the backend's bound forward (registry.bind_forward) for this M,
+        kept while the buffers (identity and version), the backend request and FADE_BACKEND stay the
+        same; None when the backend binds nothing or x is not contiguous (then the front door runs).
+        Every check is a plain attribute read: this path runs once per layer per decoded token."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            return None
         buffers = self._buffers
         qweight, qzeros, scales, g_idx = buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["g_idx"]
         bias = buffers.get("bias")
         if bias is None:
-            bias = self.bias  # None, or a bias held some other way (a parameter)
-        if not use_op and x.is_cpu:
-            y = self._bound_forward(x, qweight, qzeros, scales, g_idx, bias)
-            if y is not None:
-                return y
-        forward = quant_linear_op if use_op else quant_linear_forward
-        return forward(x, qweight, qzeros, scales, g_idx, bias, self.bits, self.group_size, self.out_features,
-                       self.backend)
-
-    def _bound_forward(self, x, qweight, qzeros, scales, g_idx, bias) -> torch.Tensor | None:
-        """The decode-step fast path: the backend's bound forward (registry.bind_forward), kept while the
-        buffers (identity and version), the backend request and FADE_BACKEND stay the same; None when the
-        backend binds nothing (then the general front door runs)."""
-        k = self.in_features
-        x2 = x if x.dim() == 2 else x.reshape(-1, k)
-        if not x2.is_contiguous():
-            return None
-        tensors = (qweight, qzeros, scales, g_idx, bias)
-        try:  # (tensor_version, inlined: this runs on every decode step)
+            bias = self.bias
+        try:  # (tensor_version, inlined)
             versions = (qweight._version, qzeros._version, scales._version, 0 if bias is None else bias._version)
         except RuntimeError:
             versions = tuple(tensor_version(t) for t in (qweight, qzeros, scales, bias))
-        state = (versions, self.backend, os.environ.get("FADE_BACKEND"), x2.shape[0])
-        cached = self.__dict__.get("_bound")
-        if cached is None or cached[1] != state or any(a is not b for a, b in zip(cached[0], tensors)):
+        m = x2.shape[0]
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound.m != m or bound.versions != versions or bound.qweight is not qweight or \
+                bound.qzeros is not qzeros or bound.scales is not scales or bound.g_idx is not g_idx or \
+                bound.bias is not bias or bound.backend != self.backend or bound.env != env_backend():
             fn = bind_forward(qweight, qzeros, scales, g_idx, bias, self.bits, self.group_size, self.out_features,
-                              x2.shape[0], "cpu", self.backend)
-            self.__dict__["_bound"] = cached = (tensors, state, fn)
-        if cached[2] is None:
+                              m, "cpu", self.backend)
+            self.__dict__["_bound"] = bound = _Binding(qweight, qzeros, scales, g_idx, bias, versions, self.backend,
+                                                       env_backend(), m, fn)
+        if bound.fn is None:
             return None
-        y2 = cached[2](x2)
+        y2 = bound.fn(x2)
         return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -358,7 +358,8 @@ def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
          activations: str | None = None) -> torch.Tensor:
     mode = activations or ACTIVATIONS
     m = x2.shape[0]
-    if path == "auto" and m > fused_max_m(x2.dtype) and DENSE_CACHE_BYTES > 0:
+    max_m = FUSED_MAX_M_BF16 if x2.dtype == torch.bfloat16 else FUSED_MAX_M    # fused_max_m, inlined
+    if path == "auto" and m > max_m and DENSE_CACHE_BYTES > 0:
         # Large M: the dense GEMM on the cached dequantized weight (see DENSE_CACHE_BYTES).
         gemm_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
         dense = _dense_weight(packed, gemm_dtype)
@@ -367,7 +368,7 @@ def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
             return y.to(x2.dtype)
     int8 = mode == "int8" or (mode == "auto" and _Q8_NATIVE[0] and m <= INT8_MAX_M)
     return _C.qmatmul(x2, packed["words"], packed["scales"], packed["zeros"], packed["dsum"], bias, packed["bits"],
-                      packed["kernel_group"], packed["out_features"], path, fused_max_m(x2.dtype), 0,
+                      packed["kernel_group"], packed["out_features"], path, max_m, 0,
                       _words_q8(packed) if int8 else None)
 
 

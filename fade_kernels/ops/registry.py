@@ -101,9 +101,24 @@ def _can_run(backend: Backend, m: int, bits: int, group_size: int, device: str) 
     return ""
 
 
+# os.environ.get encodes the key and decodes the value on every call (~1 µs, as much as the rest of
+# a decode step's Python); os.environ's own mapping of raw bytes answers in ~50 ns and is what
+# os.environ.get reads, so putenv-style changes through os.environ are seen at once.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FADE_BACKEND") if _ENV_DATA is not None else None
+
+
+def env_backend() -> str | None:
+    """The FADE_BACKEND environment variable (None when unset), read cheaply on every call."""
+    if _ENV_DATA is None:
+        return os.environ.get("FADE_BACKEND")
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def select_backend(m: int, bits: int, group_size: int, device: str, requested: str | None = None) -> Backend:
     """The backend to use. requested None -> FADE_BACKEND env or 'auto'."""
-    requested = requested or os.environ.get("FADE_BACKEND") or "auto"
+    requested = requested or env_backend() or "auto"
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {requested!r}")
@@ -131,7 +146,7 @@ def quant_linear_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.T
     """
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    key = (backend or os.environ.get("FADE_BACKEND"), m, bits, group_size, "cpu" if x.is_cpu else x.device.type)
+    key = (backend or env_backend(), m, bits, group_size, "cpu" if x.is_cpu else x.device.type)
     chosen = _CHOICES.get(key)
     if chosen is None:
         chosen = select_backend(m, bits, group_size, key[4], backend)

@@ -95,6 +95,12 @@ def test_decode_fast_path_follows_buffer_updates_and_backend_requests(monkeypatc
         assert torch.equal(a(x), y_b)
         a.scales = a.scales * 2                                        # a new buffer tensor
         torch.testing.assert_close(a(x) - a.bias, 2 * (y_b - b.bias), rtol=1e-5, atol=1e-5)
+        three = torch.randn(3, 256)                                    # another M: bound for it
+        torch.testing.assert_close(a(three), F.linear(three, a.dequantize(), a.bias), rtol=1e-5, atol=1e-5)
+        a.backend = "nonexistent"                                      # the layer's own request is read too
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            a(x)
+        a.backend = None
         monkeypatch.setenv("FADE_BACKEND", "torch")
         want = F.linear(x, a.dequantize(), a.bias)
         torch.testing.assert_close(a(x), want, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,6 @@ which puts this folder on sys.path, so they import it as `_common`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -247,16 +246,17 @@ def make_aten_int4(k: int, n: int, group_size: int, copies: int, x: torch.Tensor
 
 # ---- output ---------------------------------------------------------------------------------
 
-def write_outputs(result: dict, table: str, json_path: str | None, md_path: str | None) -> None:
-    """Write the result dict as JSON and the markdown text, creating parent folders."""
-    for path, text in ((json_path, None), (md_path, table)):
-        if not path:
-            continue
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            if text is None:
-                json.dump(result, f, indent=1)
-            else:
-                f.write(text + "\n")
+def publish(result: dict, table: str, json_path: str | None, md_path: str | None) -> None:
+    """Print the markdown table, then write the result dict as JSON and the table as markdown
+    (each atomically, parent folders created) where a path is given."""
+    from pathlib import Path
+
+    from fade_kernels.atomic import atomic_write_json, atomic_write_text
+
+    print()
+    print(table, flush=True)
+    for path, write in ((json_path, lambda p: atomic_write_json(p, result)),
+                        (md_path, lambda p: atomic_write_text(p, table + "\n"))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write(Path(path))

@@ -54,7 +54,7 @@ import time
 import numpy as np
 import torch
 
-from _common import effective_group, machine_info, machine_line, write_outputs
+from _common import effective_group, machine_info, machine_line, publish
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears
 from fade_kernels.ops import cpu
 
@@ -489,10 +489,7 @@ def main(argv=None) -> dict:
     for res in models.values():
         for v in res.get("variants", {}).values():
             v["timing"] = {str(b): t for b, t in v["timing"].items()}
-    table = markdown(result)
-    print()
-    print(table, flush=True)
-    write_outputs(result, table, args.json, args.md)
+    publish(result, markdown(result), args.json, args.md)
     return result
 
 

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from fade_kernels.calib.resume import _save_tensors
+    from fade_kernels.pipeline.resume_state import _save_tensors
     from fade_kernels.io import load_quantized
     from fade_kernels.io.integrity import file_sha256, verify_checksums, write_checksums
 

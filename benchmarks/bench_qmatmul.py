@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, effective_group, machine_info,
                      machine_line, make_aten_int4, make_dense, make_int8_dynamic, make_ours, ours_bytes,
-                     random_gptq_tensors, read_bandwidth, rotating, write_outputs)
+                     random_gptq_tensors, read_bandwidth, rotating, publish)
 from fade_kernels.ops import cpu
 from fade_kernels.ops.registry import BACKENDS
 
@@ -622,10 +622,7 @@ def main(argv=None) -> dict:
         result["decode_rows"] = decode_rows
         result["settings"]["preset"] = "decode"
         result["settings"]["activations"] = cpu.ACTIVATIONS
-    table = markdown(result)
-    print()
-    print(table, flush=True)
-    write_outputs(result, table, args.json, args.md)
+    publish(result, markdown(result), args.json, args.md)
     return result
 
 

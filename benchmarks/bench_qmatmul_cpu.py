@@ -33,7 +33,7 @@ import argparse
 import torch
 
 from _common import (TIMING, bench, configure_timing, copies_for, copy_bandwidth, machine_info, make_aten_int4,
-                     make_dense, make_int8_dynamic, make_ours, ours_bytes, write_outputs)
+                     make_dense, make_int8_dynamic, make_ours, ours_bytes, publish)
 from fade_kernels.ops import cpu
 
 SHAPES = {  # model -> [(layer, K in, N out)]
@@ -146,10 +146,7 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"CPU kernels unavailable: {why}")
     result = run(args)
-    table = markdown(result)
-    print()
-    print(table)
-    write_outputs(result, table, args.json, args.md)
+    publish(result, markdown(result), args.json, args.md)
 
 
 if __name__ == "__main__":

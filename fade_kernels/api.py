@@ -10,7 +10,7 @@ Lifecycle, per stack (encoder first, then decoder; fade_kernels/pipeline/):
      upstream (pipeline/stack.py);
   3. run the quantized block once more to produce the next block's inputs;
   4. swap the block's solved nn.Linear for QuantLinear (packed codes) and, with a resume folder,
-     checkpoint the block and the next inputs (pipeline/resume.py, calib/resume.py).
+     checkpoint the block and the next inputs (pipeline/resume.py, pipeline/resume_state.py).
 The decoder's cross-attention reads the quantized encoder's output (pipeline/run.py).
 
 Memory. Resident: the model, the current block's full-precision twin (QEP/FADE), the activation
@@ -39,7 +39,6 @@ import time
 import torch
 from torch import nn
 
-from fade_kernels.calib.resume import ResumeState, run_fingerprint
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
 from fade_kernels.memory.cache import ActivationCache, parse_size
@@ -47,6 +46,7 @@ from fade_kernels.memory.heap import retain_freed_memory
 from fade_kernels.models.adapters import ModelAdapter, get_adapter
 from fade_kernels.pipeline.memo import MEMO_BUDGET_BYTES
 from fade_kernels.pipeline.report import LayerReport, QuantizationReport, peak_rss_mb
+from fade_kernels.pipeline.resume_state import ResumeState, run_fingerprint
 from fade_kernels.pipeline.run import run_pipeline
 from fade_kernels.pipeline.stack import PipelineObserver
 from fade_kernels.solver.group import LayerSolution, solve_linear_group
@@ -86,7 +86,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     full-precision output (default: only for QEP/FADE, which need that chain anyway; it costs one
     extra forward of each block). FADE's cross-fitting halves are the even and odd positions of
     `samples` (a random subset already, so the split is fixed by the subset's seed).
-    checkpoint_dir: resume folder (calib/resume.py). After every block the run's state is written
+    checkpoint_dir: resume folder (pipeline/resume_state.py). After every block the run's state is written
       there atomically; called again with the same model, samples and settings, the run continues
       after the last finished block with a bit-identical result. A folder holding another run's
       state raises ResumeMismatchError. Deleted at the end unless keep_checkpoint.

@@ -49,8 +49,8 @@ def cmd_quantize(args) -> int:
 
     from fade_kernels.api import check_skip_modules, quantize_model
     from fade_kernels.memory.cache import parse_size
-    from fade_kernels.calib.resume import (ResumeCorruptError, ResumeFolderBusyError, ResumeFolderError,
-                                           ResumeMismatchError, remove_resume_folder)
+    from fade_kernels.pipeline.resume_state import (ResumeCorruptError, ResumeFolderBusyError, ResumeFolderError,
+                                                    ResumeMismatchError, remove_resume_folder)
     from fade_kernels.cli_checks import check_calibration_size, check_quantize_outputs
     from fade_kernels.calib.samples import prepare_samples
     from fade_kernels.config import QuantConfig

@@ -19,13 +19,10 @@ namespace fade {
 namespace cpu {
 namespace {
 
-struct V {
-  using F = __m512;
-  using I = __m512i;
-  static constexpr int W = 16;
+#include "simd_avx512.inc"
+
+struct V : Simd512 {
   static FADE_INLINE I zeroi() { return _mm512_setzero_si512(); }
-  static FADE_INLINE I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static FADE_INLINE I and_(I a, int32_t m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
   static FADE_INLINE I addi(I a, I b) { return _mm512_add_epi32(a, b); }
   template <int S> static FADE_INLINE I srai(I a) { return _mm512_srai_epi32(a, S); }
   // The broadcast folds into vpdpbusd's {1to16} memory operand.
@@ -33,19 +30,6 @@ struct V {
     int32_t v;
     __builtin_memcpy(&v, x, 4);
     return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(v));
-  }
-  static FADE_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
-  static FADE_INLINE F set1(float v) { return _mm512_set1_ps(v); }
-  static FADE_INLINE F loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static FADE_INLINE void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static FADE_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static FADE_INLINE F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
-  static FADE_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static FADE_INLINE F load_half(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static FADE_INLINE F load_u8(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
 };
 

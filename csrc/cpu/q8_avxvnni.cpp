@@ -16,32 +16,16 @@ namespace fade {
 namespace cpu {
 namespace {
 
-struct V {
-  using F = __m256;
-  using I = __m256i;
-  static constexpr int W = 8;
+#include "simd_avx2.inc"
+
+struct V : Simd256 {
   static FADE_INLINE I zeroi() { return _mm256_setzero_si256(); }
-  static FADE_INLINE I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static FADE_INLINE I and_(I a, int32_t m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
   static FADE_INLINE I addi(I a, I b) { return _mm256_add_epi32(a, b); }
   template <int S> static FADE_INLINE I srai(I a) { return _mm256_srai_epi32(a, S); }
   static FADE_INLINE I dp(I acc, I codes, const int8_t* x) {
     int32_t v;
     __builtin_memcpy(&v, x, 4);
     return _mm256_dpbusd_avx_epi32(acc, codes, _mm256_set1_epi32(v));
-  }
-  static FADE_INLINE F cvt(I a) { return _mm256_cvtepi32_ps(a); }
-  static FADE_INLINE F set1(float v) { return _mm256_set1_ps(v); }
-  static FADE_INLINE F loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static FADE_INLINE void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static FADE_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static FADE_INLINE F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static FADE_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static FADE_INLINE F load_half(const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static FADE_INLINE F load_u8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 };
 

@@ -25,16 +25,10 @@ namespace fade {
 namespace cpu {
 namespace {
 
-struct V {
-  using F = __m512;
-  using I = __m512i;
-  static constexpr int W = 16;
+#include "simd_avx512.inc"
+
+struct V : Simd512 {
   static FADE_INLINE F zero() { return _mm512_setzero_ps(); }
-  static FADE_INLINE F set1(float v) { return _mm512_set1_ps(v); }
-  static FADE_INLINE F loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static FADE_INLINE void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static FADE_INLINE I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static FADE_INLINE I and_(I a, int32_t m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
   static FADE_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
   template <int S> static FADE_INLINE I srli(I a) { return _mm512_srli_epi32(a, S); }
   template <int S> static FADE_INLINE I slli(I a) { return _mm512_slli_epi32(a, S); }
@@ -43,18 +37,8 @@ struct V {
   template <uint32_t MASK> static FADE_INLINE F field(I w) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(int32_t(MASK))));
   }
-  static FADE_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
-  static FADE_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static FADE_INLINE F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
-  static FADE_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static FADE_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static FADE_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static FADE_INLINE F load_half(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static FADE_INLINE F load_u8(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
   static FADE_INLINE F load_i16(const int16_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
   }

@@ -252,6 +252,28 @@ void run_dequant(const DequantArgs& a, int64_t t0, int64_t t1) {
   });
 }
 
+// The output tensor (bf16 for bf16 x, written by the kernel epilogue; fp32 otherwise, fp16 x goes
+// through fp32, rare on CPU) and the fields both fused kernels take, filled into `a`.
+at::Tensor fill_gemv_common(GemvCommon& a, const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias, int bits, int64_t group_size, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  a.words = words.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.ldy = N;
+  a.y_bf16 = out_bf16;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.G = K / group_size;
+  a.group_size = group_size;
+  a.bits = bits;
+  return y;
+}
+
 at::Tensor fused(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& dsum,
                  const c10::optional<at::Tensor>& bias, int bits, int64_t group_size, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group_size, T = words.size(0);
@@ -270,27 +292,13 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& words, const at::Tensor&
     prepare_activations(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
   else prepare_activations(x.data_ptr<at::Half>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
 
-  // bf16 output is written by the kernel epilogue; fp16 goes through fp32 (rare on CPU).
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
   QGemvArgs a;
+  at::Tensor y = fill_gemv_common(a, x, words, scales, bias, bits, group_size, N);
   a.x = xf;
   a.xs = xs;
   a.ldxs = ldxs;
   a.xmean = xmean;
-  a.words = words.data_ptr<int32_t>();
-  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   a.dsum = dsum.data_ptr<int16_t>();
-  a.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.y_bf16 = out_bf16;
-  a.M = M;
-  a.K = K;
-  a.N = N;
-  a.G = G;
-  a.group_size = group_size;
-  a.bits = bits;
   run_gemv(a, T, isa);
   return x.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
 }
@@ -309,26 +317,13 @@ at::Tensor fused_q8(const at::Tensor& x, const at::Tensor& words_q8, const at::T
   else if (x.scalar_type() == at::kBFloat16) prepare_q8(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, xq, xscale, xsum);
   else prepare_q8(x.data_ptr<at::Half>(), M, K, group_size, bits, xq, xscale, xsum);
 
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor y = at::empty({M, N}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
   Q8Args a;
+  at::Tensor y = fill_gemv_common(a, x, words_q8, scales, bias, bits, group_size, N);
   a.xq = xq;
   a.K8 = K8;
   a.xscale = xscale;
   a.xsum = xsum;
-  a.words = words_q8.data_ptr<int32_t>();
-  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   a.zeros = zeros.data_ptr<uint8_t>();
-  a.bias = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.y_bf16 = out_bf16;
-  a.M = M;
-  a.K = K;
-  a.N = N;
-  a.G = G;
-  a.group_size = group_size;
-  a.bits = bits;
   const int isa = isa_slot().load(std::memory_order_relaxed);
   const bool native = cpu_has_q8(Isa(isa));
   // Same work split as the fp32 kernel: columns across threads once each has enough work.

@@ -28,7 +28,20 @@ namespace cpu {
 constexpr int kTileN = 32;
 
 // Arguments of the fused small-M kernel. Row-major everywhere; M rows of activations.
-struct QGemvArgs {
+// What the fused fp32-activation and int8-activation kernels share: the packed weights' scales,
+// the output and the shapes (qmatmul_cpu.cpp fills it once for either, fill_gemv_common).
+struct GemvCommon {
+  const int32_t* words;    // [T, Kw, kTileN] (the int8 kernel's q8 layout at 3 bits)
+  const uint16_t* scales;  // [T, G, kTileN] fp16 bits
+  const float* bias;       // [N] fp32 or nullptr
+  void* y;                 // [M, ldy] fp32, or bf16 bits when y_bf16
+  int64_t ldy;
+  bool y_bf16;
+  int64_t M, K, N, G, group_size;
+  int bits;                // 3 or 4
+};
+
+struct QGemvArgs : GemvCommon {
   // Rows are processed in blocks of row_block(isa) rows (the last block may be shorter: mr
   // rows). The centred, pre-scaled activations and the group means are stored per block,
   // interleaved by row:
@@ -37,15 +50,7 @@ struct QGemvArgs {
                         //   pre-scaled per bit field (bitpack.h "Fields"), ldxs = K/32 * fields_per_run
   int64_t ldxs;
   const float* xmean;   // block at row m0: xmean[m0 * G + g * mr + (m - m0)] = μ, mean of x over group g
-  const int32_t* words; // [T, Kw, kTileN]
-  const uint16_t* scales;  // [T, G, kTileN] fp16 bits
-  const int16_t* dsum;     // [T, G, kTileN]
-  const float* bias;    // [N] fp32 or nullptr
-  void* y;              // [M, ldy] fp32, or bf16 bits when y_bf16
-  int64_t ldy;
-  bool y_bf16;
-  int64_t M, K, N, G, group_size;
-  int bits;             // 3 or 4
+  const int16_t* dsum;  // [T, G, kTileN]
 };
 
 // Rows per block of each kernel family (the register tile height of its fused kernel).
@@ -92,20 +97,12 @@ constexpr int q8_run_bytes(int bits) { return bits == 3 ? 40 : 32; }
 // Largest activation group of the int8 kernels (a stack buffer; kernel groups are <= 128).
 constexpr int kQ8MaxGroup = 1024;
 
-struct Q8Args {
+struct Q8Args : GemvCommon {  // words: GPTQ words (4-bit) or the q8 layout (3-bit)
   const int8_t* xq;      // see above; row block m0 starts at xq + m0 * K8 (K8 = K / 32 * q8_run_bytes)
   int64_t K8;
   const float* xscale;   // block at row m0: xscale[m0 * G + g * mr + (m - m0)] = s_x of group g
   const float* xsum;     // same layout: Σ xq over group g (an integer, exact in fp32)
-  const int32_t* words;  // [T, Kw, kTileN]: GPTQ words (4-bit) or the q8 layout (3-bit)
-  const uint16_t* scales;  // [T, G, kTileN] fp16 bits
-  const uint8_t* zeros;    // [T, G, kTileN]
-  const float* bias;     // [N] or nullptr
-  void* y;               // [M, ldy] fp32, or bf16 bits when y_bf16
-  int64_t ldy;
-  bool y_bf16;
-  int64_t M, K, N, G, group_size;
-  int bits;
+  const uint8_t* zeros;  // [T, G, kTileN]
 };
 
 // Rows per block of the int8 kernels (their register tile height).

@@ -14,7 +14,7 @@ tensors cover the whole file, checking those is checking every byte, and it runs
 extensions), and names the damaged tensor. Other files are hashed whole.
 benchmarks/bench_integrity.py measures the cost on a large-v3-sized checkpoint.
 
-The resume folder of a quantization run (calib/resume.py) records the same per-file digests of
+The resume folder of a quantization run (pipeline/resume_state.py) records the same per-file digests of
 its block and activation files in its state and checks them before reusing a file.
 """
 from __future__ import annotations

@@ -103,25 +103,34 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
+def block_groups(out: str, fc1: str, fc2: str, attn_norm: str, mlp_norm: str,
+                 cross_norm: str | None = None) -> tuple[LinearGroup, ...]:
+    """The linear groups of one pre-norm transformer block, in execution order, from the family's
+    module names: self-attention q/k/v (one group: one input) and its output projection
+    `self_attn.<out>`, then, when `cross_norm` is given (a decoder block), cross-attention q,
+    k/v (fed by encoder frames) and `encoder_attn.<out>`, then the MLP `fc1`, `fc2`. Each group's scale_into is the module
+    producing its input: the preceding norm, or v_proj for an attention output (attention mixes
+    v's rows, so a per-channel scale of v's output passes through)."""
+    groups = [
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
+                    scale_into=attn_norm),
+        LinearGroup((f"self_attn.{out}",), role="attn_out", scale_into="self_attn.v_proj"),
+    ]
+    if cross_norm is not None:
+        groups += [
+            LinearGroup(("encoder_attn.q_proj",), role="cross_q", scale_into=cross_norm),
+            LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES, role="cross_kv"),
+            LinearGroup((f"encoder_attn.{out}",), role="cross_out", scale_into="encoder_attn.v_proj"),
+        ]
+    return (*groups, LinearGroup((fc1,), role="mlp_in", scale_into=mlp_norm), LinearGroup((fc2,), role="mlp_out"))
+
+
 class WhisperAdapter(ModelAdapter):
     family = "whisper"
-    encoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
-                    scale_into="self_attn_layer_norm"),
-        LinearGroup(("self_attn.out_proj",), role="attn_out", scale_into="self_attn.v_proj"),
-        LinearGroup(("fc1",), role="mlp_in", scale_into="final_layer_norm"),
-        LinearGroup(("fc2",), role="mlp_out"),
-    )
-    decoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
-                    scale_into="self_attn_layer_norm"),
-        LinearGroup(("self_attn.out_proj",), role="attn_out", scale_into="self_attn.v_proj"),
-        LinearGroup(("encoder_attn.q_proj",), role="cross_q", scale_into="encoder_attn_layer_norm"),
-        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES, role="cross_kv"),
-        LinearGroup(("encoder_attn.out_proj",), role="cross_out", scale_into="encoder_attn.v_proj"),
-        LinearGroup(("fc1",), role="mlp_in", scale_into="final_layer_norm"),
-        LinearGroup(("fc2",), role="mlp_out"),
-    )
+    encoder_groups = block_groups("out_proj", "fc1", "fc2", attn_norm="self_attn_layer_norm",
+                                  mlp_norm="final_layer_norm")
+    decoder_groups = block_groups("out_proj", "fc1", "fc2", attn_norm="self_attn_layer_norm",
+                                  mlp_norm="final_layer_norm", cross_norm="encoder_attn_layer_norm")
 
     def encoder_input_name(self) -> str:
         return "input_features"
@@ -145,23 +154,10 @@ class WhisperAdapter(ModelAdapter):
 
 class MoonshineAdapter(ModelAdapter):
     family = "moonshine"
-    encoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
-                    scale_into="input_layernorm"),
-        LinearGroup(("self_attn.o_proj",), role="attn_out", scale_into="self_attn.v_proj"),
-        LinearGroup(("mlp.fc1",), role="mlp_in", scale_into="post_attention_layernorm"),
-        LinearGroup(("mlp.fc2",), role="mlp_out"),
-    )
-    decoder_groups = (
-        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
-                    scale_into="input_layernorm"),
-        LinearGroup(("self_attn.o_proj",), role="attn_out", scale_into="self_attn.v_proj"),
-        LinearGroup(("encoder_attn.q_proj",), role="cross_q", scale_into="post_attention_layernorm"),
-        LinearGroup(("encoder_attn.k_proj", "encoder_attn.v_proj"), mask=ENCODER_FRAMES, role="cross_kv"),
-        LinearGroup(("encoder_attn.o_proj",), role="cross_out", scale_into="encoder_attn.v_proj"),
-        LinearGroup(("mlp.fc1",), role="mlp_in", scale_into="final_layernorm"),
-        LinearGroup(("mlp.fc2",), role="mlp_out"),
-    )
+    encoder_groups = block_groups("o_proj", "mlp.fc1", "mlp.fc2", attn_norm="input_layernorm",
+                                  mlp_norm="post_attention_layernorm")
+    decoder_groups = block_groups("o_proj", "mlp.fc1", "mlp.fc2", attn_norm="input_layernorm",
+                                  mlp_norm="final_layernorm", cross_norm="post_attention_layernorm")
 
     def encoder_input_name(self) -> str:
         return "input_values"

@@ -322,6 +322,10 @@ def ct2_whisper_to_hf_state_dict(ct2: CT2Model) -> tuple[dict[str, torch.Tensor]
         sd[f"{dst}.v_proj.weight"], sd[f"{dst}.v_proj.bias"] = wv.clone(), bv.clone()
         linear(f"{dst}.out_proj", f"{src}/linear_2")
 
+    def self_attention(dst: str, src: str) -> None:
+        layer_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        fused_self_attention(f"{dst}.self_attn", f"{src}/self_attention")
+
     def ffn(dst: str, src: str) -> None:
         # CT2 transformer layers are pre-norm: ffn/layer_norm is applied before fc1, which is
         # what HF calls final_layer_norm.
@@ -337,8 +341,7 @@ def ct2_whisper_to_hf_state_dict(ct2: CT2Model) -> tuple[dict[str, torch.Tensor]
     n_enc = _layer_count(ct2, "encoder")
     for i in range(n_enc):
         dst, src = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-        layer_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        fused_self_attention(f"{dst}.self_attn", f"{src}/self_attention")
+        self_attention(dst, src)
         ffn(dst, src)
     layer_norm("model.encoder.layer_norm", "encoder/layer_norm")
 
@@ -349,8 +352,7 @@ def ct2_whisper_to_hf_state_dict(ct2: CT2Model) -> tuple[dict[str, torch.Tensor]
     n_dec = _layer_count(ct2, "decoder")
     for i in range(n_dec):
         dst, src = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        layer_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        fused_self_attention(f"{dst}.self_attn", f"{src}/self_attention")
+        self_attention(dst, src)
         layer_norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
         cross_attention(f"{dst}.encoder_attn", f"{src}/attention")
         ffn(dst, src)

@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from fade_kernels.ops.registry import Backend, register_backend
+from fade_kernels.ops.registry import Backend, gpu_backend_status, register_backend
 from fade_kernels.packing import check_trivial_g_idx
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ if _C_cuda is not None and int(_C_cuda.MAX_M) != MAX_M:  # a stale build
 
 def cuda_available() -> tuple[bool, str]:
     """(True, "") when the extension is loaded and a CUDA device is visible, else (False, why)."""
-    if _C_cuda is None:
-        return False, _IMPORT_ERROR
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device (torch.cuda.is_available() is False)"
-    return True, ""
+    return gpu_backend_status(_IMPORT_ERROR if _C_cuda is None else None)
 
 
 def cuda_forward(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -101,6 +101,16 @@ def _can_run(backend: Backend, m: int, bits: int, group_size: int, device: str) 
     return ""
 
 
+def gpu_backend_status(import_error: str | None) -> tuple[bool, str]:
+    """(available, why not) of a GPU backend: (False, import_error) when its module failed to load,
+    (False, why) when torch sees no CUDA device, else (True, "")."""
+    if import_error is not None:
+        return False, import_error
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device (torch.cuda.is_available() is False: none, or a CPU-only torch build)"
+    return True, ""
+
+
 # os.environ.get encodes the key and decodes the value on every call (~1 µs, as much as the rest of
 # a decode step's Python); os.environ's own mapping of raw bytes answers in ~50 ns and is what
 # os.environ.get reads, so putenv-style changes through os.environ are seen at once.

@@ -146,6 +146,20 @@ def unusable_reason() -> str:
     return ""
 
 
+def report(results: list[dict] | None, as_json: bool, format_row) -> int:
+    """Print the compile results (one JSON list, or format_row(result) + its status per line) and
+    return the exit code; results None means triton is unusable here (the reason is printed)."""
+    if results is None:
+        print(f"UNUSABLE: {unusable_reason()}")
+        return EXIT_UNUSABLE
+    if as_json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{format_row(r)}  {'ok' if r['ok'] else 'FAILED: ' + str(r.get('error'))}")
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90 = sm_90)")
@@ -153,19 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=sorted(_TORCH_TO_TRITON))
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
-    reason = unusable_reason()
-    if reason:
-        print(f"UNUSABLE: {reason}")
-        return EXIT_UNUSABLE
-    results = compile_all(args.arch, args.bits, args.dtypes)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for r in results:
-            status = "ok" if r["ok"] else f"FAILED: {r.get('error')}"
-            print(f"{r['kernel']:5s} {r['bits']}-bit {r['dtype']:9s} target={r.get('target')} "
-                  f"wgmma={r.get('wgmma', 0)} mma={r.get('mma', 0)} cubin={r.get('cubin_bytes', 0)}B  {status}")
-    return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+    results = None if unusable_reason() else compile_all(args.arch, args.bits, args.dtypes)
+    return report(results, args.json, lambda r: (
+        f"{r['kernel']:5s} {r['bits']}-bit {r['dtype']:9s} target={r.get('target')} "
+        f"wgmma={r.get('wgmma', 0)} mma={r.get('mma', 0)} cubin={r.get('cubin_bytes', 0)}B"))
 
 
 if __name__ == "__main__":

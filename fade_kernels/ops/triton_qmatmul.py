@@ -49,7 +49,7 @@ import weakref
 import torch
 
 from fade_kernels.ops.reference import input_gradient
-from fade_kernels.ops.registry import Backend, register_backend
+from fade_kernels.ops.registry import Backend, gpu_backend_status, register_backend
 from fade_kernels.packing import check_trivial_g_idx, padded_width
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,7 @@ INTERPRET = _interpret_mode()
 
 def triton_available() -> tuple[bool, str]:
     """(True, "") when the backend can run on this machine's GPU, else (False, why)."""
-    if triton is None:
-        return False, _IMPORT_ERROR
-    if not torch.cuda.is_available():
-        return False, "torch.cuda.is_available() is False (no CUDA device or a CPU-only torch build)"
-    return True, ""
+    return gpu_backend_status(_IMPORT_ERROR if triton is None else None)
 
 
 # ---- kernels --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The pipeline's side of a resumable run: what is saved after each block and put back on restart.
 
-The files themselves (fingerprint, state, atomic writes) are calib/resume.py's ResumeState.
+The files themselves (fingerprint, state, atomic writes) are pipeline/resume_state.py's ResumeState.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from fade_kernels.calib.resume import ResumeMismatchError, ResumeState, SavedState
+from fade_kernels.pipeline.resume_state import ResumeMismatchError, ResumeState, SavedState
 from fade_kernels.config import QuantConfig
 from fade_kernels.memory.cache import ActivationCache
 from fade_kernels.nn.quant_linear import QuantLinear, replace_linears

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fade_kernels.calib.resume import ResumeMismatchError, ResumeState
+from fade_kernels.pipeline.resume_state import ResumeMismatchError, ResumeState
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.config import QuantConfig
 from fade_kernels.io.checkpoint import build_quantization_config

@@ -20,14 +20,13 @@ interpreter on, or no ptxas), so that callers can skip rather than fail.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
-# One definition of "can this process compile Triton for NVIDIA" and of the exit codes, shared
-# with the matmul kernels' check.
+# One definition of "can this process compile Triton for NVIDIA", of the exit codes (re-exported
+# for the tests) and of the printed report, shared with the matmul kernels' check.
 from fade_kernels.ops.triton_compile_check import (  # noqa: E402
-    EXIT_FAILED, EXIT_OK, EXIT_UNUSABLE, check_compiled, unusable_reason)
+    EXIT_FAILED, EXIT_OK, EXIT_UNUSABLE, check_compiled, report, unusable_reason)
 
 
 # (bits, sym, static): every code path of the kernel at least once.
@@ -130,20 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two cases (dynamic asym 4-bit, static sym 3-bit)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
-    reason = unusable_reason()
-    if reason:
-        print(f"UNUSABLE: {reason}")
-        return EXIT_UNUSABLE
-    results = compile_all(args.arch, args.block_size, QUICK_CASES if args.quick else CASES)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for r in results:
-            status = "ok" if r["ok"] else f"FAILED: {r.get('error')}"
-            print(f"{r['bits']}-bit sym={r['sym']!s:5} static={r['static']!s:5} target={r.get('target')} "
-                  f"fma.f32={r.get('fma_f32')} div.rn={r.get('div_rn_f32')} regs={r.get('registers')} "
-                  f"local={r.get('local_bytes')}B cubin={r.get('cubin_bytes', 0)}B  {status}")
-    return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+    results = None if unusable_reason() else compile_all(args.arch, args.block_size,
+                                                         QUICK_CASES if args.quick else CASES)
+    return report(results, args.json, lambda r: (
+        f"{r['bits']}-bit sym={r['sym']!s:5} static={r['static']!s:5} target={r.get('target')} "
+        f"fma.f32={r.get('fma_f32')} div.rn={r.get('div_rn_f32')} regs={r.get('registers')} "
+        f"local={r.get('local_bytes')}B cubin={r.get('cubin_bytes', 0)}B"))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fade_kernels import QuantConfig, quantize_model
-from fade_kernels.calib import resume as resume_module
-from fade_kernels.calib.resume import ResumeMismatchError, ResumeState
+from fade_kernels.pipeline import resume_state as resume_module
+from fade_kernels.pipeline.resume_state import ResumeMismatchError, ResumeState
 from fade_kernels.calib.samples import CalibSample
 
 # 150 encoder positions = 300 mel frames (a 3 s window): the pipeline is the same as at 1500,
@@ -140,7 +140,7 @@ torch.set_num_threads(1)
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration
 from fade_kernels import QuantConfig, quantize_model
-from fade_kernels.calib.resume import ResumeState
+from fade_kernels.pipeline.resume_state import ResumeState
 from fade_kernels.calib.samples import CalibSample
 from fade_kernels.io import save_quantized
 

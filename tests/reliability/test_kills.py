@@ -22,7 +22,7 @@ _CHILD = textwrap.dedent('''
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
-    import fade_kernels.calib.resume as resume
+    import fade_kernels.pipeline.resume_state as resume
     import fade_kernels.io.checkpoint as checkpoint
     from fade_kernels.cli import main
 

@@ -8,14 +8,17 @@ Formats (EXPORT_FORMATS):
                         and vLLM serves (4-bit on vLLM's CPU kernel; 4 and 8 on its GPU kernels),
                         symmetric or asymmetric, groups 32/64/128 or per channel. Other widths are
                         written with a warning (vLLM refuses them). Refused: act-order with a
-                        permuted g_idx (the format has no g_idx).
+                        permuted g_idx (the format has no g_idx), a fused group (q/k/v, cross
+                        k/v) partly kept in full precision.
   "gptq"                GPTQ v1 (gptq_format.py) as vLLM loads it: the quantized module list
                         `modules_in_block_to_quantize` (without it vLLM guesses from tensor
                         dtypes under its own fused names and loads the layers wrong), and zero
                         `k_proj.bias` tensors (vLLM fuses Whisper's bias-free k_proj into a
                         biased qkv_proj and only fakes that bias for dense or pack-quantized
                         k_proj weights). Refused: what vLLM's GPTQ loader rejects, i.e.
-                        asymmetric grids and widths other than 4 and 8, and mixed grids.
+                        asymmetric grids and widths other than 4 and 8, and mixed grids; a
+                        fused group partly kept in full precision; blocks of one stack that
+                        quantize different layers (the module list is one list for every block).
 
 Everything outside the quantized linears is written as the model holds it, so layers a method
 changed in full precision (AWQ's input scales folded into LayerNorms) are written as their
@@ -46,6 +49,33 @@ if TYPE_CHECKING:
 class ExportRefused(ValueError):
     """The target format (or the engine it is written for) cannot load this model; the message
     is one line naming the layer and the reason."""
+
+
+# Linears vLLM loads as one fused layer (its Whisper runs self-attention q/k/v as qkv_proj and the
+# cross-attention k/v as kv_proj): one quantization scheme must cover every member.
+FUSED_GROUPS = ((".self_attn.", ("q_proj", "k_proj", "v_proj")), (".encoder_attn.", ("k_proj", "v_proj")))
+
+
+def check_fused_groups(model: "nn.Module") -> None:
+    """Raise ExportRefused when a fused group (FUSED_GROUPS) is partly quantized (e.g. k_proj kept
+    in full precision by --skip-modules while q_proj and v_proj are packed): vLLM cannot load one
+    fused layer from a packed and a dense member."""
+    from torch import nn
+
+    from fade_kernels.nn.quant_linear import QuantLinear
+
+    linears = {name: isinstance(m, QuantLinear) for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, QuantLinear))}
+    for marker, members in FUSED_GROUPS:
+        prefixes = {name[: name.rindex(".")] for name in linears
+                    if marker in name and name.rsplit(".", 1)[1] in members}
+        for prefix in sorted(prefixes):
+            packed = {m: linears.get(f"{prefix}.{m}") for m in members}
+            if None not in packed.values() and len(set(packed.values())) > 1:
+                dense = ", ".join(m for m, q in packed.items() if not q)
+                raise ExportRefused(f"{prefix}: {dense} in full precision but {'/'.join(m for m, q in packed.items() if q)} "
+                                    f"quantized; vLLM fuses {'/'.join(members)} into one layer, which needs one scheme "
+                                    f"(skip all of them or none)")
 
 
 def check_export_destination(out_dir: str | os.PathLike) -> None:
@@ -107,11 +137,13 @@ def export_checkpoint(model_or_dir: "nn.Module | str | os.PathLike", out_dir: st
         if format == "compressed-tensors":
             from fade_kernels.io.compressed_tensors import compressed_state_dict, write_compressed_tensors
 
-            compressed_state_dict(model)          # refusals before any folder is created
+            check_fused_groups(model)             # refusals before any folder is created
+            compressed_state_dict(model)
             writer = lambda tmp: write_compressed_tensors(model, tmp)  # noqa: E731
         else:
             from fade_kernels.io.gptq_format import check_vllm_gptq, write_gptq
 
+            check_fused_groups(model)
             check_vllm_gptq(model)
             writer = lambda tmp: write_gptq(model, tmp, "v1", quant_config, for_vllm=True)  # noqa: E731
         with atomic_directory(out_dir) as tmp:
@@ -129,4 +161,5 @@ def export_checkpoint(model_or_dir: "nn.Module | str | os.PathLike", out_dir: st
     return Path(out_dir)
 
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_MARKER", "ExportRefused", "check_export_destination", "export_checkpoint"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_MARKER", "ExportRefused", "check_export_destination", "check_fused_groups",
+           "export_checkpoint"]

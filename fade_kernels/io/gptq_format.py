@@ -183,6 +183,14 @@ def check_vllm_gptq(model: nn.Module) -> None:
     if len(grids) > 1:
         raise ExportRefused(f"layers use {len(grids)} different grids (bits, group size): vLLM's GPTQ loader "
                             f"needs one grid for every layer")
+    # modules_in_block_to_quantize is one list for every block: a layer quantized in some blocks
+    # must be quantized in every block that has it.
+    listed = {_block_relative(name) for name in layers}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and re.search(r"\.layers\.\d+\.", name) and _block_relative(name) in listed:
+            raise ExportRefused(f"{name} is in full precision but {_block_relative(name)} is quantized in other "
+                                f"blocks: vLLM's GPTQ module list is one list for every block; export "
+                                f"--format compressed-tensors (it lists layers by full name)")
 
 
 def write_gptq(model: nn.Module, directory: Path, zero_point_format: str = "v1",

@@ -21,9 +21,10 @@ from test_gptq_format import WHISPER, logits
 ONE_BLOCK = {**WHISPER, "encoder_layers": 1, "decoder_layers": 1}
 
 
-def quantized_whisper(bits: int = 4, group_size: int = 32, sym: bool = False, bits_of=None) -> nn.Module:
+def quantized_whisper(bits: int = 4, group_size: int = 32, sym: bool = False, bits_of=None, dense=()) -> nn.Module:
+    """A one-block Whisper with every block linear packed, except the names in `dense`."""
     model = WhisperForConditionalGeneration(WhisperConfig(**ONE_BLOCK))
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n and n not in dense]
     replace_linears(model, names, lambda name, linear: QuantLinear.from_linear(
         linear, (bits_of or {}).get(name, bits), group_size, sym))
     return model.eval()
@@ -54,12 +55,29 @@ def act_order(model: nn.Module) -> nn.Module:
     ("gptq", lambda: quantized_whisper(bits=3, sym=True), r"is 3-bit: vLLM's GPTQ loader takes only 4- and 8-bit"),
     ("gptq", lambda: quantized_whisper(sym=True, bits_of={"model.decoder.layers.0.fc2": 8}),
      "2 different grids"),
+    ("compressed-tensors", lambda: quantized_whisper(dense=("model.encoder.layers.0.self_attn.k_proj",)),
+     r"model\.encoder\.layers\.0\.self_attn: k_proj in full precision but q_proj/v_proj quantized; vLLM fuses"),
+    ("gptq", lambda: quantized_whisper(sym=True, dense=("model.decoder.layers.0.encoder_attn.v_proj",)),
+     r"model\.decoder\.layers\.0\.encoder_attn: v_proj in full precision but k_proj quantized"),
+    ("gptq", lambda: quantized_whisper(sym=True, dense=("model.decoder.layers.0.fc2",)),
+     r"model\.decoder\.layers\.0\.fc2 is in full precision but fc2 is quantized in other blocks"),
 ])
 def test_export_refuses_what_its_target_cannot_load(tmp_path, fmt, make, match):
     with pytest.raises(ExportRefused, match=match) as info:
         export_checkpoint(make(), tmp_path / "out", fmt)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []   # no temporary left either
+
+
+@pytest.mark.parametrize("fmt,sym", [("compressed-tensors", False), ("gptq", True)])
+def test_whole_fused_groups_kept_in_full_precision_export(tmp_path, fmt, sym):
+    dense = ("model.decoder.layers.0.encoder_attn.k_proj", "model.decoder.layers.0.encoder_attn.v_proj")
+    if fmt == "compressed-tensors":
+        dense += ("model.encoder.layers.0.fc2",)
+    model = quantized_whisper(sym=sym, dense=dense)
+    back = load_quantized(quiet_export(model, tmp_path / "out", fmt))
+    assert all(not isinstance(back.get_submodule(name), QuantLinear) for name in dense)
+    assert torch.equal(logits(model), logits(back))
 
 
 def test_symmetric_layer_with_a_moved_zero_point_is_refused(tmp_path):

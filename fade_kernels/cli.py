@@ -430,7 +430,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fade-rule", choices=FADE_RULES, help="FADE alpha rule or ablation (default both)")
     parser.add_argument("--clip", choices=CLIP_METHODS,
                         help="grid range per group: minmax, or the shrunk range with the least rounding error, "
-                             "unweighted (mse) or Hessian-weighted (hessian) (default minmax)")
+                             "unweighted (mse) or Hessian-weighted (hessian) (default: hessian for fade, minmax otherwise)")
     parser.add_argument("--awq-grid", type=int, help="number of AWQ exponents searched (default 20)")
     parser.add_argument("--skip-modules", metavar="PATTERNS",
                         help="comma list of glob patterns of linear layers kept in full precision, matched "

@@ -59,6 +59,18 @@ def test_minmax_is_unchanged_and_bad_clip_rejected():
         QuantConfig(clip="nope")
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qep", "fade", "fade-rtn"])
+def test_unset_clip_takes_the_method_default_and_a_given_one_wins(method):
+    from fade_kernels.config import METHODS
+
+    expected = "hessian" if method == "fade" else "minmax"
+    assert METHODS[method].clip == expected
+    config = QuantConfig(method=method)
+    assert config.clip == expected and config.to_dict()["clip"] == expected     # recorded resolved
+    assert QuantConfig(method=method, clip="mse").clip == "mse"
+    assert QuantConfig(**QuantConfig(method=method).to_dict()) == config          # a saved config reloads equal
+
+
 def _problem(n=64, k=256, t=512):
     w = torch.randn(n, k) * (1 + 3 * (torch.rand(n, k) > 0.98))
     x = torch.randn(k, t) * torch.rand(k, 1) * 2

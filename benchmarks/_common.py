@@ -4,7 +4,7 @@ Not a test helper and not part of the package: the scripts run as `python benchm
 which puts this folder on sys.path, so they import it as `_common`.
 
   machine_info()       the machine's name and what the kernels will use (CPU model, L3, ISA flags)
-  copy_bandwidth(t)    STREAM-style copy GB/s with t threads (the issue's roofline convention)
+  copy_bandwidth(t)    STREAM-style copy GB/s with t threads (the roofline convention of the targets)
   read_bandwidth(t)    read-only GB/s with t threads (what a GEMV streaming its weights can reach)
   bench(fn, rounds)    seconds per call: a per-call statistic over individually timed calls
   copies_for/rotating  "cold" weights: cycle through enough copies to exceed 3x the L3 cache

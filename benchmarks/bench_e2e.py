@@ -354,7 +354,7 @@ def run_model(name: str, args) -> dict:
 
 
 def summarize(models: dict, bits: list[int], batches: list[int]) -> dict:
-    """The issue's end-to-end targets: each quantized variant decodes faster than fp32 (every
+    """The end-to-end targets: each quantized variant decodes faster than fp32 (every
     batch size) with the same greedy ids as the reference backend."""
     checks = []
     for name, res in models.items():

@@ -24,7 +24,7 @@ tensor copy, measured here per thread count.
   python benchmarks/bench_qmatmul_cpu.py --json out.json --md out.md
 
 The shared machinery (timing, copy bandwidth, baselines) lives in _common.py; bench_qmatmul.py
-is the full comparison (every Whisper and Moonshine shape, the issue's targets checked).
+is the full comparison (every Whisper and Moonshine shape, the targets checked).
 """
 from __future__ import annotations
 

@@ -78,11 +78,12 @@ def ru_maxrss_mb() -> float:
 
 
 # --------------------------------------------------------------------------- shared pieces
-def load_fp(model_dir: str):
+def load_fp(model_dir: str, dtype: str = "float32"):
+    """The full-precision model in `dtype` (llm-compressor writes its scales in the model's dtype)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()
     processor = WhisperProcessor.from_pretrained(model_dir)
     return model, processor
@@ -120,7 +121,7 @@ def build_calibration(model, processor, args):
     utts = select_subset(load_corpus(args.calib), args.n_calib, args.seed)
     samples = prepare_samples(model, processor, utts, progress=False)
     batches = [
-        {"input_features": s.encoder_input.unsqueeze(0).float(),
+        {"input_features": s.encoder_input.unsqueeze(0).to(model.dtype),
          "decoder_input_ids": s.decoder_ids.unsqueeze(0).long()}
         for s in samples
     ]
@@ -164,8 +165,8 @@ def job_quant(args, pipeline: str) -> dict:
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(args.threads)
-    res: dict = {"job": f"llmcompressor-gptq-w4a16-{pipeline}", "pipeline": pipeline}
-    model, processor = load_fp(args.model)
+    res: dict = {"job": f"llmcompressor-gptq-w4a16-{pipeline}", "pipeline": pipeline, "dtype": args.dtype}
+    model, processor = load_fp(args.model, args.dtype)
     fp_weights = {} if args.timing_only else {n: p.detach().clone() for n, p in model.named_parameters()}
     fp_proj_out = model.proj_out.weight.detach().clone()  # tied to decoder.embed_tokens
     t = time.perf_counter()
@@ -340,6 +341,8 @@ def main() -> None:
     p.add_argument("--pipelines", default="sequential,basic",
                    help="llm-compressor calibration pipelines to try, each in its own process")
     p.add_argument("--skip-fp32", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the model llm-compressor quantizes (and of the scales it saves)")
     p.add_argument("--timing-only", action="store_true",
                    help="measure oneshot only: no fp32 weight copy, no save/reload/eval (large models)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate only the first N utterances")

@@ -2,9 +2,12 @@
 
 `save` quantizes one model with every method at 3 and 4 bits (plus a few option variants) on a
 few calibration utterances and writes one checkpoint per run, with its per-layer report, under
-OUT. `compare` reads two such folders and checks every saved tensor with torch.equal, every
-per-layer diagnostic (alpha, rho, vulnerability, errors) and the saved quantization_config for
-exact equality, for every run saved in both (runs saved in the reference only are listed).
+OUT. `compare` reads two such folders and checks, for every run saved in both (runs saved in
+the reference only are listed): every integer tensor (codes, zeros, g_idx) bit for bit, every
+floating tensor value for value (a newer format may store an exactly representable float32
+tensor as float16: reported, not a difference), every per-layer diagnostic (alpha, rho,
+vulnerability, errors) for exact equality, and the quantization_config keys both versions write
+(keys a newer version adds are listed).
 
 Use it around a refactor that must not change results:
 
@@ -66,6 +69,14 @@ def save(args) -> int:
     return 0
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Integer tensors (codes, zeros, g_idx): same dtype and bits. Floating tensors: the same
+    values (a checkpoint format may store an exactly representable float32 tensor as float16)."""
+    if a.is_floating_point() and b.is_floating_point():
+        return a.shape == b.shape and torch.equal(a.double(), b.double())
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
 def compare(args) -> int:
     reference, candidate = Path(args.reference), Path(args.candidate)
     names = sorted(p.name for p in reference.iterdir() if (p / "report.json").is_file())
@@ -89,21 +100,31 @@ def compare(args) -> int:
             new_tensors.update(load_file(candidate / name / file))
         if set(ref_tensors) != set(new_tensors):
             problems.append(f"tensor names differ: {sorted(set(ref_tensors) ^ set(new_tensors))[:5]}")
-        differing = [key for key in ref_tensors if key in new_tensors and not (
-            ref_tensors[key].dtype == new_tensors[key].dtype and torch.equal(ref_tensors[key], new_tensors[key]))]
+        differing = [key for key in ref_tensors if key in new_tensors
+                     and not same_values(ref_tensors[key], new_tensors[key])]
         if differing:
             problems.append(f"{len(differing)} tensors differ, e.g. {differing[:3]}")
+        stored = [key for key in ref_tensors if key in new_tensors and key not in differing
+                  and ref_tensors[key].dtype != new_tensors[key].dtype]
         ref_report = json.loads((reference / name / "report.json").read_text())
         new_report = json.loads((candidate / name / "report.json").read_text())
         if ref_report != new_report:
             problems.append("per-layer report differs")
         ref_config = json.loads((reference / name / "config.json").read_text())["quantization_config"]
         new_config = json.loads((candidate / name / "config.json").read_text())["quantization_config"]
-        if ref_config != new_config:
-            problems.append("quantization_config differs")
+        common = sorted(set(ref_config) & set(new_config))
+        changed = [key for key in common if ref_config[key] != new_config[key]]
+        if changed:
+            problems.append(f"quantization_config differs: {changed}")
         status = "identical" if not problems else "DIFFERENT: " + "; ".join(problems)
         if not problems:
-            status += f" ({len(ref_tensors)} tensors)"
+            status += f" ({len(ref_tensors)} tensors"
+            if stored:
+                status += f"; {len(stored)} float tensors stored in another dtype with equal values"
+            added = sorted(set(new_config) - set(ref_config))
+            if added:
+                status += f"; quantization_config gained {added}"
+            status += ")"
         print(f"{name}: {status}")
         failures += bool(problems)
     compared = len(names) - len(missing)

@@ -252,6 +252,15 @@ void run_dequant(const DequantArgs& a, int64_t t0, int64_t t1) {
   });
 }
 
+// f(p) with x's elements as `const float*`, `const at::BFloat16*` or `const at::Half*` (the
+// activation dtypes the kernels take; any other dtype fails in data_ptr's own type check).
+template <class F>
+void with_float_data(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat) f(static_cast<const float*>(x.data_ptr<float>()));
+  else if (x.scalar_type() == at::kBFloat16) f(static_cast<const at::BFloat16*>(x.data_ptr<at::BFloat16>()));
+  else f(static_cast<const at::Half*>(x.data_ptr<at::Half>()));
+}
+
 // The output tensor (bf16 for bf16 x, written by the kernel epilogue; fp32 otherwise, fp16 x goes
 // through fp32, rare on CPU) and the fields both fused kernels take, filled into `a`.
 at::Tensor fill_gemv_common(GemvCommon& a, const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales,
@@ -286,11 +295,9 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& words, const at::Tensor&
   // Read the kernel family once: the activation layout depends on its row block.
   const int isa = isa_slot().load(std::memory_order_relaxed);
   const int block = row_block(isa);
-  if (x.scalar_type() == at::kFloat)
-    prepare_activations(x.data_ptr<float>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
-  else if (x.scalar_type() == at::kBFloat16)
-    prepare_activations(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
-  else prepare_activations(x.data_ptr<at::Half>(), M, K, group_size, bits, block, xf, xs, ldxs, xmean);
+  with_float_data(x, [&](const auto* p) {
+    prepare_activations(p, M, K, group_size, bits, block, xf, xs, ldxs, xmean);
+  });
 
   QGemvArgs a;
   at::Tensor y = fill_gemv_common(a, x, words, scales, bias, bits, group_size, N);
@@ -313,9 +320,7 @@ at::Tensor fused_q8(const at::Tensor& x, const at::Tensor& words_q8, const at::T
   int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
   float* xscale = reinterpret_cast<float*>(scratch.data_ptr<uint8_t>() + qbytes);
   float* xsum = xscale + M * G;
-  if (x.scalar_type() == at::kFloat) prepare_q8(x.data_ptr<float>(), M, K, group_size, bits, xq, xscale, xsum);
-  else if (x.scalar_type() == at::kBFloat16) prepare_q8(x.data_ptr<at::BFloat16>(), M, K, group_size, bits, xq, xscale, xsum);
-  else prepare_q8(x.data_ptr<at::Half>(), M, K, group_size, bits, xq, xscale, xsum);
+  with_float_data(x, [&](const auto* p) { prepare_q8(p, M, K, group_size, bits, xq, xscale, xsum); });
 
   Q8Args a;
   at::Tensor y = fill_gemv_common(a, x, words_q8, scales, bias, bits, group_size, N);

@@ -587,16 +587,13 @@ def convert_ct2_whisper(
     begin_suppress = [int(i) for i in ct2_cfg.get("suppress_ids_begin", [220, ids["eot"]])]
     alignment_heads = [[int(l), int(h)] for l, h in ct2_cfg.get("alignment_heads", [])]
 
+    # Matches openai/whisper-* configs: <|startoftranscript|> both starts decoding and is "bos";
+    # <|endoftext|> ends and pads. The model config and the generation config carry the same.
+    special = dict(bos_token_id=ids["sot"], decoder_start_token_id=ids["sot"], eos_token_id=ids["eot"],
+                   pad_token_id=ids["eot"], suppress_tokens=suppress, begin_suppress_tokens=begin_suppress)
     config = WhisperConfig(
         **dims,
-        # Matches openai/whisper-* configs: <|startoftranscript|> both starts decoding and is
-        # "bos"; <|endoftext|> ends and pads.
-        bos_token_id=ids["sot"],
-        decoder_start_token_id=ids["sot"],
-        eos_token_id=ids["eot"],
-        pad_token_id=ids["eot"],
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
+        **special,
         activation_function="gelu",
         scale_embedding=False,
         use_cache=True,
@@ -617,14 +614,9 @@ def convert_ct2_whisper(
     model = model.to(dtype).eval()
 
     gen_kwargs = dict(
-        decoder_start_token_id=ids["sot"],
-        bos_token_id=ids["sot"],
-        eos_token_id=ids["eot"],
-        pad_token_id=ids["eot"],
+        **special,
         no_timestamps_token_id=ids["no_timestamps"],
         prev_sot_token_id=ids["prev"],
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
         alignment_heads=alignment_heads,
         is_multilingual=ids["multilingual"],
         max_length=config.max_target_positions,

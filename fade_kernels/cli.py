@@ -241,13 +241,15 @@ def cmd_eval(args) -> int:
     model, processor = _load_model(args.model)
     result = evaluate(model, processor, utterances, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_utts=args.max_utts, decoder=args.decoder,
-                      language=args.language)
+                      language=args.language, temperature_fallback=args.temperature_fallback)
     print(f"WER {100 * result['wer']:.2f}% on {result['n_utts']} utterances "
           f"({result['audio_seconds'] / 60:.1f} min of audio), RTF {result['rtf']:.3f}")
     for subset, value in sorted(result.get("subsets", {}).items()):
         print(f"  {subset:12s} WER {100 * value['wer']:.2f}% ({value['n_scored']} utts)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        from fade_kernels.atomic import atomic_write_json
+
+        atomic_write_json(Path(args.json), result, default=str)
     return 0
 
 
@@ -262,7 +264,8 @@ def cmd_transcribe(args) -> int:
     model, processor = _load_model(args.model)
     start = time.perf_counter()
     texts = transcribe(model, processor, audios, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       progress=False, decoder=args.decoder, language=args.language)
+                       progress=False, decoder=args.decoder, language=args.language,
+                       temperature_fallback=args.temperature_fallback)
     seconds = time.perf_counter() - start
     for path, text in zip(args.audio, texts):
         print(f"{path}\t{text.strip()}")
@@ -449,6 +452,10 @@ def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
                              "generate(), faster); generate: transformers' generate(); auto: lean when it applies")
     parser.add_argument("--language", help="multilingual Whisper: language of the audio (e.g. en, de); default: "
                                            "the checkpoint's, else detected per utterance")
+    parser.add_argument("--temperature-fallback", action="store_true",
+                        help="decode again, sampling at temperatures 0.2..1.0, clips whose greedy transcript loops "
+                             "(compression ratio > 2.4) or is unlikely (average log-prob < -1) (openai-whisper's "
+                             "rule; lean decoder only)")
 
 
 def main(argv: list[str] | None = None) -> int:

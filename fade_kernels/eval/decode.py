@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fade_kernels.data.audio import TARGET_SR, load_audio
+from fade_kernels.eval.fallback import decode_with_fallback
 from fade_kernels.eval.wer import get_normalizer, wer_report
 from fade_kernels.models.prompt import generate_prompt_kwargs
 
@@ -247,6 +248,7 @@ def transcribe(
     decoder: str = "auto",
     language: str | None = None,
     task: str | None = None,
+    temperature_fallback: bool = False,
 ) -> list[str]:
     """Greedy-decode each clip; returns one stripped string per input, in input order.
 
@@ -259,6 +261,8 @@ def transcribe(
     "auto" (default) picks "lean" for Whisper models whose generation_config it reproduces.
     language / task: Whisper prompt tokens for multilingual models (default: the generation
     config's, else the language is detected per utterance as generate() does).
+    temperature_fallback: decode again, sampling at rising temperatures, the clips whose greedy
+    transcript loops or is unlikely (eval.fallback, openai-whisper's rule); needs the lean decoder.
     """
     import torch
     from tqdm import tqdm
@@ -266,6 +270,8 @@ def transcribe(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lean = _lean_decoder(model, decoder)
+    if temperature_fallback and lean is None:
+        raise ValueError("temperature_fallback needs the lean decoder: a Whisper model with decoder='lean' or 'auto'")
     order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))
     hyps: list[str | None] = [None] * len(audios)
     was_training = getattr(model, "training", False)
@@ -287,14 +293,19 @@ def transcribe(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs = prepare_inputs(processor, [audios[i] for i in idx], model)
-                if lean is not None:
+                if lean is not None and temperature_fallback:
+                    encoded = model.model.encoder(input_features=inputs["input_features"]).last_hidden_state
+                    texts, _ = decode_with_fallback(lean, encoded, lambda ids: _batch_decode(processor, ids),
+                                                    max_new_tokens, language, task, seed=start)
+                elif lean is not None:
                     encoded = model.model.encoder(input_features=inputs["input_features"]).last_hidden_state
                     ids = lean.generate(encoded, max_new_tokens=max_new_tokens, language=language, task=task)
+                    texts = _batch_decode(processor, ids)
                 else:
                     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                          **extra)
-                    ids = getattr(out, "sequences", out)
-                for i, text in zip(idx, _batch_decode(processor, ids)):
+                    texts = _batch_decode(processor, getattr(out, "sequences", out))
+                for i, text in zip(idx, texts):
                     hyps[i] = text
                 bar.update(len(idx))
     finally:
@@ -315,6 +326,7 @@ def evaluate(
     audios: Sequence[np.ndarray] | None = None,
     decoder: str = "auto",
     language: str | None = None,
+    temperature_fallback: bool = False,
 ) -> dict:
     """Transcribe `utterances` (corpus.Utterance: .id, .audio path, .text, .subset) and score.
 
@@ -323,7 +335,7 @@ def evaluate(
     (see dequantized_linears): the same model, faster on CPU, for WER only.
     audios: the already-loaded float32 (n_samples,) clips of `utterances` (after max_utts), to
     skip reading the files again when one evaluation set is decoded many times.
-    decoder, language: as in transcribe().
+    decoder, language, temperature_fallback: as in transcribe().
     Returns wer_report(...) plus n_utts, audio_seconds, decode_seconds (wall time of
     transcribe, excluding file loading), rtf = decode_seconds / audio_seconds, and
     "utterances": [{"id", "subset", "ref", "hyp"}].
@@ -336,7 +348,8 @@ def evaluate(
     audio_seconds = float(sum(a.size for a in audios)) / TARGET_SR
     t0 = time.perf_counter()
     with dequantized_linears(model) if dequantize else contextlib.nullcontext():
-        hyps = transcribe(model, processor, audios, batch_size, max_new_tokens, progress, decoder, language)
+        hyps = transcribe(model, processor, audios, batch_size, max_new_tokens, progress, decoder, language,
+                          temperature_fallback=temperature_fallback)
     decode_seconds = time.perf_counter() - t0
     # Use the checkpoint's spelling map if its tokenizer has one (e.g. openai/whisper-*).
     report = wer_report(utts, hyps, normalizer=get_normalizer(processor))

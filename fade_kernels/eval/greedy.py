@@ -234,13 +234,20 @@ class WhisperGreedyDecoder:
 
     @torch.inference_mode()
     def generate(self, encoder_hidden: torch.Tensor, prompt: torch.Tensor | None = None, max_new_tokens: int = 128,
-                 language: str | None = None, task: str | None = None) -> list[list[int]]:
+                 language: str | None = None, task: str | None = None, temperature: float = 0.0,
+                 generator: torch.Generator | None = None,
+                 sum_logprobs: list[float] | None = None) -> list[list[int]]:
         """Greedy tokens of each row, without the prompt and without the final EOS.
 
         encoder_hidden: (B, frames, d_model) encoder output in the model's dtype.
         prompt: int64 (B, P) decoder prompt (all rows the same length), default `prompts()`.
         max_new_tokens: at most this many new tokens per row (EOS included), capped so that the
         prompt plus new tokens fit max_target_positions, as generate() does.
+        temperature: 0 picks the most likely token (greedy); > 0 samples each token from
+        softmax(logits / temperature) with `generator` (the temperature fallback's retries).
+        sum_logprobs: if given, filled with each row's sum of log p(token) over its emitted tokens
+        and its EOS (log-softmax of the suppressed logits at temperature 1, as openai-whisper
+        scores a decoding).
         """
         if prompt is None:
             prompt = self.prompts(encoder_hidden, language, task)
@@ -256,6 +263,7 @@ class WhisperGreedyDecoder:
         self_cache = self._self_cache(b, p + new, encoder_hidden)
         cross_cache = self._cross_cache(encoder_hidden)
         out: list[list[int]] = [[] for _ in range(b)]
+        scores = [0.0] * b
         rows = list(range(b))                      # original index of each live row
         ids, start = prompt, 0
         for step in range(new):
@@ -265,8 +273,15 @@ class WhisperGreedyDecoder:
                 logits.masked_fill_(suppress, -float("inf"))
             if step == 0 and begin is not None:
                 logits.masked_fill_(begin, -float("inf"))
-            tokens = logits.argmax(-1)
+            if temperature > 0:
+                tokens = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                tokens = logits.argmax(-1)
             values = tokens.tolist()
+            if sum_logprobs is not None:
+                chosen = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
+                for row, logprob in zip(rows, chosen):
+                    scores[row] += logprob
             live = []
             for i, (row, token) in enumerate(zip(rows, values)):
                 if token == self.eos:
@@ -282,4 +297,6 @@ class WhisperGreedyDecoder:
                 rows = [rows[i] for i in live]
                 tokens = tokens.index_select(0, keep)
             ids = tokens[:, None]
+        if sum_logprobs is not None:
+            sum_logprobs[:] = scores
         return out

@@ -59,11 +59,11 @@ def run_ours(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from fade_kernels.cli import _load_model
+    from fade_kernels.cli import load_cli_model
     from fade_kernels.data.audio import load_audio
     from fade_kernels.eval.decode import transcribe
 
-    model, processor = _load_model(spec["model"])
+    model, processor = load_cli_model(spec["model"])
     if spec["dtype"] == "bf16":
         model.to(torch.bfloat16)
     utts = _manifest_audio(spec["manifest"], spec["max_utts"])

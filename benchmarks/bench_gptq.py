@@ -76,7 +76,7 @@ def timed_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, im
     g = resolve_group_size(group_size, n_cols)
     out = gptq.SweepResult(torch.zeros(n_rows, n_cols, dtype=torch.int32), torch.zeros(n_rows, n_cols // g),
                            torch.zeros(n_rows, n_cols // g), torch.zeros(n_rows))
-    block = gptq._sweep_block_cpp if impl == "cpp" else gptq._sweep_block_torch
+    block = gptq.sweep_block_cpp if impl == "cpp" else gptq._sweep_block_torch
     t_block = t_gemm = 0.0
     for i1 in range(0, n_cols, block_size):
         i2 = min(i1 + block_size, n_cols)

@@ -22,7 +22,7 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _load_model(spec: str):
+def load_cli_model(spec: str):
     """A quantized checkpoint (config.json has quantization_config) or a full-precision model
     (local dir, hub id, or bundled:NAME) -> (model, processor)."""
     from fade_kernels.io.integrity import check_not_stripped_quantized
@@ -79,7 +79,7 @@ def cmd_quantize(args) -> int:
     corpus = load_corpus(args.calib) if args.calib else []
     check_calibration_size(corpus, args.calib, args.n_calib)
     torch.manual_seed(args.seed)
-    model, processor = _load_model(args.model)
+    model, processor = load_cli_model(args.model)
     try:
         check_skip_modules(model, config)
     except ValueError as error:
@@ -238,7 +238,7 @@ def cmd_eval(args) -> int:
     if not any(u.text is not None for u in utterances):
         raise CliError(f"--manifest {args.manifest}: no utterance has a reference text, so there is no WER to "
                        f"compute (use fade transcribe for unlabelled audio)")
-    model, processor = _load_model(args.model)
+    model, processor = load_cli_model(args.model)
     result = evaluate(model, processor, utterances, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_utts=args.max_utts, decoder=args.decoder,
                       language=args.language, temperature_fallback=args.temperature_fallback)
@@ -261,7 +261,7 @@ def cmd_transcribe(args) -> int:
     if missing:
         raise CliError(f"AUDIO file not found: {missing[0]}")
     audios = [load_audio(path) for path in args.audio]
-    model, processor = _load_model(args.model)
+    model, processor = load_cli_model(args.model)
     start = time.perf_counter()
     texts = transcribe(model, processor, audios, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        progress=False, decoder=args.decoder, language=args.language,

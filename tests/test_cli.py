@@ -59,7 +59,7 @@ def test_eval_prints_overall_and_per_subset(capsys, tmp_path, monkeypatch):
     utts = [Utterance("a", tmp_path / "a.wav", "hello world", "piper"), Utterance("b", tmp_path / "b.wav", "good day", "noisy")]
     report = wer_report(utts, ["hello word", "good day"])     # 1 error in 4 words
     report.update(n_utts=2, audio_seconds=6.0, decode_seconds=1.5, rtf=0.25)
-    monkeypatch.setattr(cli, "_load_model", lambda spec: (None, None))
+    monkeypatch.setattr(cli, "load_cli_model", lambda spec: (None, None))
     monkeypatch.setattr(decode, "evaluate", lambda *a, **k: report)
     monkeypatch.setattr("fade_kernels.data.corpus.load_corpus", lambda path: utts)
     out_json = tmp_path / "r.json"

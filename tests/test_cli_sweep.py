@@ -132,7 +132,7 @@ def test_quantize_options_reach_the_config_and_report_dir(tmp_path, monkeypatch)
                   for stack in ("encoder", "decoder") for b in range(2)]
         return QuantizationReport(config=config.to_dict(), layers=layers, seconds=1.0, n_calib=1)
 
-    monkeypatch.setattr(cli, "_load_model", lambda spec: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(cli, "load_cli_model", lambda spec: (torch.nn.Linear(2, 2), None))
     monkeypatch.setattr(api, "quantize_model", fake_quantize)
     monkeypatch.setattr("fade_kernels.sweep.silence_samples", lambda model, processor: ["sample"])
     monkeypatch.setattr("fade_kernels.io.checkpoint.save_quantized",

@@ -13,7 +13,7 @@ Minimise ||W X - W_hat X||^2 one column at a time with H = X X^T / T:
 
 The in-block loop has two implementations with bit-identical results: `_sweep_block_torch`,
 the reference (a Python loop of torch calls per column, easy to read), and the fused C++
-kernel csrc/cpu/gptq_sweep.cpp (`_sweep_block_cpp`, no per-column Python), which performs the
+kernel csrc/cpu/gptq_sweep.cpp (`sweep_block_cpp`, no per-column Python), which performs the
 same float32 operations in the same order. The trailing GEMM is the same torch call for both.
 
 Worked 2x2 example (one row, integer grid of step 1, no damping, H = [[2, 1], [1, 2]]):
@@ -119,7 +119,7 @@ def _sweep_block_torch(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: 
     return Err1
 
 
-def _sweep_block_cpp(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
+def sweep_block_cpp(W: torch.Tensor, U: torch.Tensor, i1: int, i2: int, out: SweepResult, g: int, bits: int,
                      sym: bool, column_group: torch.Tensor | None, isa: str = "auto") -> torch.Tensor:
     """The same block as `_sweep_block_torch`, in one call of the fused C++ kernel.
 
@@ -188,7 +188,7 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, bits: int, group_size: int, sym
     for i1 in range(0, n_cols, block_size):
         i2 = min(i1 + block_size, n_cols)
         if impl == "cpp":
-            Err1 = _sweep_block_cpp(W, U, i1, i2, out, g, bits, sym, groups, isa)
+            Err1 = sweep_block_cpp(W, U, i1, i2, out, g, bits, sym, groups, isa)
         else:
             Err1 = _sweep_block_torch(W, U, i1, i2, out, g, bits, sym, groups, clip, hessian_diag)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]

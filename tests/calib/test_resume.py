@@ -239,7 +239,7 @@ def test_cli_resume_flags(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     base = short_whisper()
-    monkeypatch.setattr(cli, "_load_model", lambda spec: (copy.deepcopy(base), None))
+    monkeypatch.setattr(cli, "load_cli_model", lambda spec: (copy.deepcopy(base), None))
     monkeypatch.setattr(sweep, "silence_samples", lambda model, processor: short_samples(n=2))
     out = tmp_path / "out"
     args = ["quantize", "--model", "m", "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out),

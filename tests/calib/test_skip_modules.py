@@ -75,7 +75,7 @@ def test_a_pattern_that_matches_nothing_is_an_error(tiny_whisper, monkeypatch, c
 
     import fade_kernels.cli as cli
 
-    monkeypatch.setattr(cli, "_load_model", lambda spec: (tiny_whisper, None))
+    monkeypatch.setattr(cli, "load_cli_model", lambda spec: (tiny_whisper, None))
     code = main(["quantize", "--model", "m", "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--skip-modules", "*.fc2, nothing.here", "--out", str(tmp_path / "out"), "--quiet", "--no-resume"])
     err = capsys.readouterr().err.strip()

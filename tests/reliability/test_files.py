@@ -20,7 +20,7 @@ def no_calibration(monkeypatch):
     """Fail loudly if a command gets as far as loading the model (the check must come first)."""
     def refuse(spec):
         raise AssertionError("the model was loaded before the output checks")
-    monkeypatch.setattr(cli, "_load_model", refuse)
+    monkeypatch.setattr(cli, "load_cli_model", refuse)
 
 
 def test_out_dot_deletes_nothing(assets, tmp_path, monkeypatch, fade, no_calibration):

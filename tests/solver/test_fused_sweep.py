@@ -138,8 +138,8 @@ def test_shared_input_stack(_fresh_seed):
 
 def test_auto_picks_cpp_on_cpu(monkeypatch):
     calls = []
-    original = gptq._sweep_block_cpp
-    monkeypatch.setattr(gptq, "_sweep_block_cpp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = gptq.sweep_block_cpp
+    monkeypatch.setattr(gptq, "sweep_block_cpp", lambda *a, **k: calls.append(1) or original(*a, **k))
     gptq_quantize(torch.randn(4, 64), torch.eye(64), group_size=32)
     assert calls
 

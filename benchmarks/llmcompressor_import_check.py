@@ -47,11 +47,11 @@ def exact_weights(checkpoint: Path, layers: dict) -> dict:
         n, k = (int(v) for v in tensors[f"{name}.weight_shape"])
         codes = unpack_from_int32(tensors[f"{name}.weight_packed"], layer.bits, torch.Size((n, k))).double()
         scale = tensors[f"{name}.weight_scale"].double()
-        zero = tensors.get(f"{name}.weight_zero_point")
-        zero = 0.0 if zero is None else unpack_from_int32(zero, layer.bits, torch.Size(scale.shape), 0).double()
+        packed_zero = tensors.get(f"{name}.weight_zero_point")      # absent for symmetric grids
+        zero = torch.zeros_like(scale) if packed_zero is None else \
+            unpack_from_int32(packed_zero, layer.bits, torch.Size(scale.shape), 0).double()
         group = k // scale.shape[1]
-        out[name] = ((codes.view(n, -1, group) - (zero if isinstance(zero, float) else zero.unsqueeze(-1)))
-                     * scale.unsqueeze(-1)).view(n, k)
+        out[name] = ((codes.view(n, -1, group) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).view(n, k)
     return out
 
 

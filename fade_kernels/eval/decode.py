@@ -293,14 +293,14 @@ def transcribe(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs = prepare_inputs(processor, [audios[i] for i in idx], model)
-                if lean is not None and temperature_fallback:
+                if lean is not None:
                     encoded = model.model.encoder(input_features=inputs["input_features"]).last_hidden_state
-                    texts, _ = decode_with_fallback(lean, encoded, lambda ids: _batch_decode(processor, ids),
-                                                    max_new_tokens, language, task, seed=start)
-                elif lean is not None:
-                    encoded = model.model.encoder(input_features=inputs["input_features"]).last_hidden_state
-                    ids = lean.generate(encoded, max_new_tokens=max_new_tokens, language=language, task=task)
-                    texts = _batch_decode(processor, ids)
+                    if temperature_fallback:
+                        texts, _ = decode_with_fallback(lean, encoded, lambda ids: _batch_decode(processor, ids),
+                                                        max_new_tokens, language, task, seed=start)
+                    else:
+                        texts = _batch_decode(processor, lean.generate(encoded, max_new_tokens=max_new_tokens,
+                                                                       language=language, task=task))
                 else:
                     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                          **extra)

@@ -60,6 +60,7 @@ def decode_with_fallback(decoder: Any, encoder_hidden: torch.Tensor, to_text: Ca
     pending = list(range(encoder_hidden.shape[0]))
     prompt = decoder.prompts(encoder_hidden, language, task)
     for attempt, temperature in enumerate(temperatures):
+        last = attempt == len(temperatures) - 1
         keep = torch.tensor(pending, device=encoder_hidden.device)
         scores: list[float] = []
         ids = decoder.generate(encoder_hidden.index_select(0, keep), prompt.index_select(0, keep),
@@ -68,7 +69,6 @@ def decode_with_fallback(decoder: Any, encoder_hidden: torch.Tensor, to_text: Ca
         failing = []
         for row, tokens, text, score in zip(pending, ids, to_text(ids), scores):
             texts[row], kept[row] = text, temperature
-            last = attempt == len(temperatures) - 1
             if not last and needs_fallback(text, len(tokens), score, compression_ratio_threshold, logprob_threshold):
                 failing.append(row)
         pending = failing

@@ -24,8 +24,8 @@ Everything outside the quantized linears is written as the model holds it, so la
 changed in full precision (AWQ's input scales folded into LayerNorms) are written as their
 folded dense weights. A compact output projection (head format bf16/bits8/bits4, nn/head.py),
 which neither target knows, is written as the float32 token embedding it is tied to, holding
-the values the compact head multiplies by. The directory is written atomically (a temporary folder renamed into
-place) with the processor files beside the weights and a `fade_export.json` naming the format.
+the values the compact head multiplies by. The directory is written atomically (a temporary
+folder renamed into place) with the processor files beside the weights and a `fade_export.json` naming the format.
 An existing non-empty `out_dir` is replaced only when it holds that file (an earlier export);
 anything else is refused, so a user's folder (or the quantized checkpoint itself) is never
 overwritten.
@@ -134,16 +134,15 @@ def export_checkpoint(model_or_dir: "nn.Module | str | os.PathLike", out_dir: st
         if processor is None:
             processor = _source_processor(Path(model_or_dir))
     with dense_head(model):
+        check_fused_groups(model)                 # refusals before any folder is created
         if format == "compressed-tensors":
             from fade_kernels.io.compressed_tensors import compressed_state_dict, write_compressed_tensors
 
-            check_fused_groups(model)             # refusals before any folder is created
             compressed_state_dict(model)
             writer = lambda tmp: write_compressed_tensors(model, tmp)  # noqa: E731
         else:
             from fade_kernels.io.gptq_format import check_vllm_gptq, write_gptq
 
-            check_fused_groups(model)
             check_vllm_gptq(model)
             writer = lambda tmp: write_gptq(model, tmp, "v1", quant_config, for_vllm=True)  # noqa: E731
         with atomic_directory(out_dir) as tmp:

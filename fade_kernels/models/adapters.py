@@ -108,9 +108,10 @@ def block_groups(out: str, fc1: str, fc2: str, attn_norm: str, mlp_norm: str,
     """The linear groups of one pre-norm transformer block, in execution order, from the family's
     module names: self-attention q/k/v (one group: one input) and its output projection
     `self_attn.<out>`, then, when `cross_norm` is given (a decoder block), cross-attention q,
-    k/v (fed by encoder frames) and `encoder_attn.<out>`, then the MLP `fc1`, `fc2`. Each group's scale_into is the module
-    producing its input: the preceding norm, or v_proj for an attention output (attention mixes
-    v's rows, so a per-channel scale of v's output passes through)."""
+    k/v (fed by encoder frames) and `encoder_attn.<out>`, then the MLP `fc1`, `fc2`. Each
+    group's scale_into is the module producing its input: the preceding norm, or v_proj for an
+    attention output (attention mixes v's rows, so a per-channel scale of v's output passes
+    through)."""
     groups = [
         LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), role="attn_qkv",
                     scale_into=attn_norm),

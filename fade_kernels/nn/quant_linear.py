@@ -1,7 +1,6 @@
 """QuantLinear: a drop-in nn.Linear replacement holding packed GPTQ-layout buffers."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

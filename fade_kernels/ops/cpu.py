@@ -358,7 +358,7 @@ def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
          activations: str | None = None) -> torch.Tensor:
     mode = activations or ACTIVATIONS
     m = x2.shape[0]
-    max_m = FUSED_MAX_M_BF16 if x2.dtype == torch.bfloat16 else FUSED_MAX_M    # fused_max_m, inlined
+    max_m = fused_max_m(x2.dtype)
     if path == "auto" and m > max_m and DENSE_CACHE_BYTES > 0:
         # Large M: the dense GEMM on the cached dequantized weight (see DENSE_CACHE_BYTES).
         gemm_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32

@@ -44,6 +44,7 @@ from fade_kernels.config import QuantConfig
 from fade_kernels.memory.cache import ActivationCache, parse_size
 from fade_kernels.memory.heap import retain_freed_memory
 from fade_kernels.models.adapters import ModelAdapter, get_adapter
+from fade_kernels.pipeline.bit_allocation import average_bits, plan_bits
 from fade_kernels.pipeline.memo import MEMO_BUDGET_BYTES
 from fade_kernels.pipeline.report import LayerReport, QuantizationReport, peak_rss_mb
 from fade_kernels.pipeline.resume_state import ResumeState, run_fingerprint
@@ -104,6 +105,8 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
       (identical results; for verification).
     config.skip_modules: layers whose full name matches one of these glob patterns stay nn.Linear
       in full precision; the layers around them are calibrated on their full-precision output.
+    config.avg_bits: mixed precision; before the pipeline runs, pipeline/bit_allocation.py picks
+      each group's width from the full-precision model and `samples` (report.layer_bits).
     """
     if not samples:
         raise ValueError("samples is empty: calibration needs at least one utterance")
@@ -119,6 +122,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     check_skip_modules(model, config, adapter)
     model.eval()
     start = time.perf_counter()
+    layer_bits = plan_bits(model, samples, config, adapter, progress) if config.avg_bits is not None else None
     resume = None
     if checkpoint_dir is not None:
         fingerprint = run_fingerprint(model, samples, config, batch_size, two_chain, type(adapter).__name__, run_info)
@@ -130,7 +134,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     try:
         with timing(timer), retain_freed_memory():
             report = run_pipeline(model, samples, config, batch_size, adapter, progress, two_chain, resume, cache,
-                                  timer, memo_bytes, observer, share_encoder_statistics)
+                                  timer, memo_bytes, observer, share_encoder_statistics, layer_bits)
     finally:
         cache.close()
         if resume is not None:
@@ -140,6 +144,7 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     from fade_kernels.nn.head import apply_head_format
 
     apply_head_format(model, config.head, config.head_group_size)   # the tied output projection/embedding
+    report.average_bits = average_bits(model)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     report.stage_seconds = {name: round(value, 6) for name, value in timer.seconds.items()}

@@ -136,7 +136,7 @@ def _write_report_dir(report, folder: Path, run_info: dict) -> None:
 def _config_kwargs(args) -> dict:
     """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
     kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
-    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "clip"):
+    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "clip", "avg_bits"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
@@ -438,6 +438,10 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-modules", metavar="PATTERNS",
                         help="comma list of glob patterns of linear layers kept in full precision, matched "
                              "against full names, e.g. 'model.decoder.layers.*.fc2,*.encoder_attn.v_proj'")
+    parser.add_argument("--avg-bits", type=float,
+                        help="mixed precision: mean stored bits per weight (scales and zero points included); the "
+                             "linear groups most sensitive to rounding get the next wider grid (e.g. --bits 3 "
+                             "--avg-bits 3.25: some groups at 4 bits)")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
                              "8/4-bit round-to-nearest (default: QuantConfig's)")

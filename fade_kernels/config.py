@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -94,6 +94,10 @@ class QuantConfig:
     skip_modules: glob patterns (fnmatch) of linear layers kept in full precision, matched against
     the full module name, e.g. "model.decoder.layers.*.fc2" or "*.encoder_attn.*"; each pattern
     must match at least one quantizable layer of the model.
+    avg_bits: mixed precision under a budget (pipeline/bit_allocation.py): the mean storage of the
+    quantized weights in bits per weight, scales and zero points included; the most sensitive
+    linear groups get the next wider grid (`wider_bits(bits)`) while the mean stays within it.
+    None (the default): every layer at `bits`.
     """
 
     method: str = "gptq"
@@ -112,6 +116,7 @@ class QuantConfig:
     head: str = "fp32"
     head_group_size: int = 64
     clip: str | None = None
+    avg_bits: float | None = None
 
     @property
     def spec(self) -> Method:
@@ -151,8 +156,18 @@ class QuantConfig:
                 isinstance(p, str) and p.strip() for p in self.skip_modules):
             raise ValueError(f"skip_modules must be a sequence of non-empty module-name patterns, "
                              f"got {self.skip_modules!r}")
+        if self.avg_bits is not None:
+            if wider_bits(self.bits) is None:
+                raise ValueError(f"avg_bits needs a bits value with a wider grid above it ({SUPPORTED_BITS}), "
+                                 f"got bits {self.bits}")
+            if not isinstance(self.avg_bits, (int, float)) or not self.avg_bits > self.bits:
+                raise ValueError(f"avg_bits must be a number above bits ({self.bits}), got {self.avg_bits!r}")
         object.__setattr__(self, "qep_exclude", tuple(self.qep_exclude))
         object.__setattr__(self, "skip_modules", tuple(p.strip() for p in self.skip_modules))
+
+    def with_bits(self, bits: int) -> "QuantConfig":
+        """This config for a group solved at another width (a mixed-precision plan's choice)."""
+        return self if bits == self.bits else replace(self, bits=bits, avg_bits=None)
 
     def skips(self, module_name: str) -> bool:
         """True when `module_name` (a full name from model.named_modules()) stays in full precision."""
@@ -163,6 +178,11 @@ class QuantConfig:
         out["skip_modules"] = list(self.skip_modules)
         out["qep_exclude"] = list(self.qep_exclude)
         return out
+
+
+def wider_bits(bits: int) -> int | None:
+    """The next supported width above `bits` (what mixed precision upgrades to), or None."""
+    return next((b for b in SUPPORTED_BITS if b > bits), None)
 
 
 def validate_grid_args(bits: int, group_size: int) -> None:

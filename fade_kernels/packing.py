@@ -1,4 +1,4 @@
-"""Bit packing in the GPTQ checkpoint layout (docs/methods.md §8).
+"""Bit packing in the GPTQ checkpoint layout (docs/methods.md §9).
 
 Every width packs its codes as one little-endian bit stream: code i of a run occupies stream
 bits [i*b, i*b + b), and stream bit p lives in word p // 32 at bit p % 32. Widths that divide 32

@@ -533,6 +533,7 @@ def _run_one(api, fp_model, processor, adapter, samples, config: QuantConfig, se
         seconds = time.perf_counter() - start
     record = {"method": config.method, "bits": config.bits, "group_size": config.group_size,
               "config": config.to_dict(), "n_calib": len(samples), "quant_seconds": seconds,
+              "average_bits": report.average_bits,
               "peak_rss_mb": memory.peak_mb, "rss_increase_mb": memory.increase_mb, "memory_method": memory.method,
               "weight_memory": weight_memory(model, adapter), "bytes_per_token": decode_bytes_per_token(model, adapter)}
     result = evaluate(model, processor, eval_utts, dequantize=dequantize_eval, **eval_kwargs)

@@ -23,7 +23,7 @@ class _Binding:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W_hat^T + b with W_hat stored packed (docs/methods.md §8).
+    """y = x @ W_hat^T + b with W_hat stored packed (docs/methods.md §9).
 
     Buffers (K = in_features, N = out_features, G = K / group_size):
       qweight int32 [K*bits/32, N], qzeros int32 [G, pad32(N)*bits/32], scales float16 [G, N],

@@ -40,7 +40,10 @@ class QuantizationReport:
     peak_rss_mb: process-lifetime peak RSS; stage_seconds: exclusive seconds per pipeline stage
     (timing.StageTimer.STAGES); resumed_blocks: blocks restored from a resume folder instead of being
     quantized by this call; offloaded_mb: activation cache bytes written to disk (max_memory);
-    released_mb: pages of memory-mapped dense weights handed back after their blocks were packed."""
+    released_mb: pages of memory-mapped dense weights handed back after their blocks were packed.
+    average_bits: mean stored bits per quantized weight, scales and zero points included
+    (pipeline/bit_allocation.bits_per_weight); layer_bits: {full name: bits} of a mixed-precision
+    plan (empty without config.avg_bits)."""
 
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
@@ -51,13 +54,21 @@ class QuantizationReport:
     resumed_blocks: int = 0
     offloaded_mb: float = 0.0
     released_mb: float = 0.0
+    average_bits: float | None = None
+    layer_bits: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         errors = [layer.rel_output_error for layer in self.layers]
+        widths = ""
+        if self.layer_bits:
+            counts = {b: sum(1 for v in self.layer_bits.values() if v == b) for b in sorted(set(self.layer_bits.values()))}
+            widths = " (" + ", ".join(f"{n} layers at {b} bits" for b, n in counts.items()) + ")"
         mean = sum(errors) / max(len(errors), 1)
         lines = [f"quantized {len(self.layers)} linear layers with {self.config['method']} "
                  f"{self.config['bits']}-bit g{self.config['group_size']} on {self.n_calib} utterances "
                  f"in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+                 *([f"average {self.average_bits:.4f} bits per weight with scales and zero points{widths}"]
+                   if self.average_bits is not None else []),
                  f"relative output error: mean {mean:.4f}, max {max(errors, default=0):.4f}"]
         fp_errors = [layer.rel_error_fp for layer in self.layers if layer.rel_error_fp is not None]
         if fp_errors:
@@ -80,7 +91,8 @@ class QuantizationReport:
         return {"config": self.config, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "n_calib": self.n_calib, "stage_seconds": dict(self.stage_seconds),
                 "resumed_blocks": self.resumed_blocks, "offloaded_mb": self.offloaded_mb,
-                "released_mb": self.released_mb, "layers": [asdict(layer) for layer in self.layers]}
+                "released_mb": self.released_mb, "average_bits": self.average_bits,
+                "layer_bits": dict(self.layer_bits), "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantizationReport":
@@ -88,7 +100,8 @@ class QuantizationReport:
         return cls(config=data["config"], layers=layers, seconds=data.get("seconds", 0.0),
                    peak_rss_mb=data.get("peak_rss_mb", 0.0), n_calib=data.get("n_calib", 0),
                    stage_seconds=dict(data.get("stage_seconds", {})), resumed_blocks=data.get("resumed_blocks", 0),
-                   offloaded_mb=data.get("offloaded_mb", 0.0), released_mb=data.get("released_mb", 0.0))
+                   offloaded_mb=data.get("offloaded_mb", 0.0), released_mb=data.get("released_mb", 0.0),
+                   average_bits=data.get("average_bits"), layer_bits=dict(data.get("layer_bits", {})))
 
 
 def peak_rss_mb() -> float:

@@ -17,27 +17,34 @@ from fade_kernels.pipeline.report import LayerReport, QuantizationReport
 from fade_kernels.timing import stage
 
 
-def restore_block(block: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], config: QuantConfig) -> None:
+def restore_block(block: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], config: QuantConfig,
+                  bits: dict[str, int] | None = None) -> None:
     """Put a finished block back as a resumed run saved it: empty QuantLinear at `names`, then
-    every tensor of the block's saved state_dict (strict, assigned without a copy)."""
+    every tensor of the block's saved state_dict (strict, assigned without a copy).
+    bits: {name in the block: width} of a mixed-precision plan (default config.bits)."""
+    bits = bits or {}
     replace_linears(block, names, lambda name, linear: QuantLinear(
-        linear.in_features, linear.out_features, config.bits, config.group_size, bias=linear.bias is not None,
-        sym=config.sym))
+        linear.in_features, linear.out_features, bits.get(name, config.bits), config.group_size,
+        bias=linear.bias is not None, sym=config.sym))
     block.load_state_dict(tensors, strict=True, assign=True)
 
 
 def restore_finished_blocks(resume: ResumeState, saved: SavedState, report: QuantizationReport, stacks: dict,
-                            config: QuantConfig) -> dict[str, list[list[str]]]:
+                            config: QuantConfig, layer_bits: dict[str, int] | None = None) -> dict[str, list[list[str]]]:
     """Restore every block a resumed run had finished, and its report layers.
 
-    stacks: {"encoder": layers, "decoder": layers} (nn.ModuleList each). Returns the quantized
-    layer names per finished block and stack."""
+    stacks: {"encoder": (module name, layers), "decoder": (module name, layers)} (nn.ModuleList
+    each). layer_bits: {full name: bits} of a mixed-precision plan. Returns the quantized layer
+    names per finished block and stack."""
+    layer_bits = layer_bits or {}
     report.layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in saved.layers]
     quantized = {stack: [list(block) for block in saved.quantized.get(stack, [])] for stack in stacks}
     with stage("checkpoint"):
-        for stack_name, layers in stacks.items():
+        for stack_name, (prefix, layers) in stacks.items():
             for index, block_names in enumerate(quantized[stack_name]):
-                restore_block(layers[index], resume.block_tensors(stack_name, index), block_names, config)
+                bits = {name: layer_bits[f"{prefix}.{index}.{name}"] for name in block_names
+                        if f"{prefix}.{index}.{name}" in layer_bits}
+                restore_block(layers[index], resume.block_tensors(stack_name, index), block_names, config, bits)
     report.resumed_blocks = sum(len(blocks) for blocks in quantized.values())
     return quantized
 

@@ -20,16 +20,18 @@ from fade_kernels.timing import StageTimer, stage
 def run_pipeline(model: nn.Module, samples: list[CalibSample], config: QuantConfig, batch_size: int,
                  adapter: ModelAdapter, progress: bool, two_chain: bool, resume: ResumeState | None,
                  cache: ActivationCache, timer: StageTimer, memo_budget: int | None = None,
-                 observer: PipelineObserver | None = None, share_encoder_statistics: bool = True) -> QuantizationReport:
+                 observer: PipelineObserver | None = None, share_encoder_statistics: bool = True,
+                 layer_bits: dict[str, int] | None = None) -> QuantizationReport:
     """Quantize the encoder's blocks, then the decoder's, in place; returns the run's report.
 
     two_chain: also run the full-precision chain. resume: the run's resume folder (finished
     blocks are restored, the rest quantized) or None. cache: where the activations live. timer:
     collects the stage seconds (the caller makes it current with timing.timing). memo_budget:
     bytes for replaying solved outputs (default MEMO_BUDGET_BYTES, at most a quarter of the
-    cache's budget). observer, share_encoder_statistics: see StackQuantizer.
+    cache's budget). observer, share_encoder_statistics: see StackQuantizer. layer_bits: {full
+    name: bits} of a mixed-precision plan (pipeline/bit_allocation.py); others use config.bits.
     """
-    report = QuantizationReport(config=config.to_dict(), n_calib=len(samples))
+    report = QuantizationReport(config=config.to_dict(), n_calib=len(samples), layer_bits=dict(layer_bits or {}))
     enc_layers, dec_layers = adapter.encoder_layers(model), adapter.decoder_layers(model)
     names = {module: name for name, module in model.named_modules()}
     batches = calibration_batches(samples, batch_size)
@@ -41,15 +43,15 @@ def run_pipeline(model: nn.Module, samples: list[CalibSample], config: QuantConf
     stage_name, next_block = (saved.stage, saved.next_block) if saved else ("encoder", 0)
     quantized = {"encoder": [], "decoder": []}
     if saved:
-        quantized = restore_finished_blocks(resume, saved, report, {"encoder": enc_layers, "decoder": dec_layers},
-                                            config)
+        quantized = restore_finished_blocks(resume, saved, report, {"encoder": (names[enc_layers], enc_layers),
+                                            "decoder": (names[dec_layers], dec_layers)}, config, layer_bits)
     committer = BlockCommitter(resume, report, quantized, saved.encoder_outputs if saved else None)
     if memo_budget is None:
         memo_budget = MEMO_BUDGET_BYTES
     if cache.max_bytes is not None:
         memo_budget = min(memo_budget, cache.max_bytes // 4)
     stack = StackQuantizer(config, report, progress, two_chain, cache, timer, committer, memo_budget, observer,
-                           share_encoder_statistics)
+                           share_encoder_statistics, layer_bits)
     stack.quantized = [f"{names[layers]}.{index}.{name}" for stack_name, layers in (("encoder", enc_layers),
                        ("decoder", dec_layers)) for index, block in enumerate(quantized[stack_name]) for name in block]
 

@@ -82,7 +82,7 @@ class StackQuantizer:
     def __init__(self, config: QuantConfig, report: QuantizationReport, progress: bool, track_fp: bool,
                  cache: ActivationCache | None = None, timer: StageTimer | None = None, on_block_done=None,
                  memo_budget: int = MEMO_BUDGET_BYTES, observer: PipelineObserver | None = None,
-                 share_encoder_statistics: bool = True):
+                 share_encoder_statistics: bool = True, layer_bits: dict[str, int] | None = None):
         self.config, self.report, self.progress = config, report, progress
         self.track_fp = track_fp
         self.n_halves = config.spec.cross_fitting_halves
@@ -97,6 +97,7 @@ class StackQuantizer:
         self.shared_inputs: dict[tuple, GroupStatistics] = {}
         self.memo_budget = memo_budget
         self.memo: QuantizedOutputMemo | None = None
+        self.layer_bits = layer_bits or {}   # a mixed-precision plan: full name -> bits (else config.bits)
 
     def put(self, tensor: torch.Tensor, replaces: CachedTensor | None = None) -> CachedTensor:
         with self.timer("offload"):
@@ -159,7 +160,8 @@ class StackQuantizer:
         with self.timer("packing"):
             dense = [block.get_submodule(name).weight.detach() for name in names]
             replace_linears(block, names, lambda name, linear: QuantLinear.from_codes(
-                *self.solved[prefix + name], bits=config.bits, group_size=config.group_size,
+                *self.solved[prefix + name], bits=self.layer_bits.get(prefix + name, config.bits),
+                group_size=config.group_size,
                 bias=None if linear.bias is None else linear.bias.detach(), sym=config.sym))
             # Weights memory-mapped from the checkpoint stay resident after the swap (one mapping
             # holds the whole file): hand their pages back, nothing reads them again.
@@ -271,8 +273,13 @@ class StackQuantizer:
                     or name.rsplit(".", 1)[-1] in self.config.qep_exclude for name in names]
         # AWQ rescales the group's shared input: a full-precision reader of it would see x / s.
         can_rescale = len(names) == len(group.names) and self._can_rescale(block, block_name, group, width)
+        widths = {self.layer_bits.get(f"{block_name}.{name}", self.config.bits) for name in names}
+        if len(widths) != 1:
+            raise ValueError(f"{block_name}: the layers {names} are solved together and need one width, "
+                             f"the bit plan gives {sorted(widths)}")
         with self.timer("solve"), solving(", ".join(f"{block_name}.{name}" for name in names)):
-            solutions = solve_linear_group([m.weight for m in modules], stats, self.config, gathered.half_stats,
+            solutions = solve_linear_group([m.weight for m in modules], stats, self.config.with_bits(widths.pop()),
+                                           gathered.half_stats,
                                            gathered.act_mean_abs, excluded, can_rescale, gathered.factor_cache)
         input_scale = solutions[0].input_scale
         for name, module, solution in zip(names, modules, solutions):

@@ -62,12 +62,14 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method,stop_after", [("fade", 1), ("fade", 2), ("awq", 3), ("gptq", 4)])
-def test_interrupted_run_resumes_bit_identically(method, stop_after, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,stop_after,avg_bits", [("fade", 1, None), ("fade", 2, None), ("awq", 3, None),
+                                                        ("gptq", 4, None), ("gptq", 3, 4.6)])
+def test_interrupted_run_resumes_bit_identically(method, stop_after, avg_bits, tmp_path, monkeypatch):
     """stop_after commits: 1 = mid-encoder, 2 = encoder done, 3 = mid-decoder, 4 = all blocks done
-    (killed before the model was saved). AWQ checks folded LayerNorm scales survive the restore."""
+    (killed before the model was saved). AWQ checks folded LayerNorm scales survive the restore;
+    avg_bits that restored blocks keep their mixed widths."""
     base, samples = short_whisper(), short_samples()
-    config = QuantConfig(method=method, bits=3, group_size=32)
+    config = QuantConfig(method=method, bits=3, group_size=32, avg_bits=avg_bits)
     reference = copy.deepcopy(base)
     expected = run(reference, samples, config)
 
@@ -87,6 +89,8 @@ def test_interrupted_run_resumes_bit_identically(method, stop_after, tmp_path, m
     model = copy.deepcopy(base)
     report = run(model, samples, config, checkpoint_dir=tmp_path / "resume")
     assert report.resumed_blocks == stop_after
+    if avg_bits is not None:
+        assert set(report.layer_bits.values()) == {3, 4} and report.layer_bits == expected.layer_bits
     assert_identical(quantized_tensors(model), quantized_tensors(reference))
     assert [vars(layer) for layer in report.layers] == [vars(layer) for layer in expected.layers]
     assert model.config.quantization_config == reference.config.quantization_config

@@ -1,4 +1,4 @@
-// Bit layouts of the GPTQ packed codes (docs/methods.md §8), shared by CPU and CUDA code.
+// Bit layouts of the GPTQ packed codes (docs/methods.md §9), shared by CPU and CUDA code.
 //
 // Torch-free and STL-free on purpose: the CUDA kernels include this from .cu files compiled
 // without torch, and the CPU ISA translation units include it inside a `#pragma GCC target`

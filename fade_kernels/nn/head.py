@@ -28,11 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fade_kernels.config import HEAD_FORMATS
+from fade_kernels.config import DEFAULT_HEAD_GROUP_SIZE, HEAD_FORMATS
 from fade_kernels.nn.quant_linear import QuantLinear
 from fade_kernels.packing import unpack_qweight, unpack_qzeros
-
-DEFAULT_HEAD_GROUP_SIZE = 64
 
 
 class LowPrecisionLinear(nn.Module):

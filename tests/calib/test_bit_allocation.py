@@ -129,3 +129,17 @@ def test_cli_names_the_option_of_an_unusable_budget(tiny_whisper, monkeypatch, c
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--avg-bits: avg_bits must be a number above bits (4), got 3.5" in err[0]
+
+
+@pytest.mark.slow
+def test_cli_writes_mixed_widths_and_the_head_group_size(assets, tmp_path):
+    from reliability.faults import quantize_args
+
+    out = tmp_path / "out"
+    assert main(quantize_args(assets, out, "--bits", "3", "--avg-bits", "4.6", "--head", "bits4",
+                              "--head-group-size", "64", "--no-resume")) == 0
+    model = load_quantized(out)
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and (head.bits, head.group_size) == (4, 64)
+    widths = {m.bits for m in model.modules() if isinstance(m, QuantLinear) and m is not head}
+    assert widths == {3, 4} and average_bits(model) <= 4.6

@@ -191,7 +191,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"), py::arg("zeros"), py::arg("dsum"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
         py::arg("out_features"), py::arg("path") = "auto", py::arg("fused_max_m") = 32, py::arg("chunk_cols") = 0,
         py::arg("words_q8") = py::none());
-  m.def("q8_native", &fade::cpu::q8_native, "the active family's int8-activation kernel uses VNNI on this CPU");
+  m.def("q8_native", &fade::cpu::q8_native, "the active family's int8-activation kernel runs as SIMD code on this CPU");
   m.def("quantize_activations_q8", [](const at::Tensor& x, int64_t group_size) {
           TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor, got shape ", x.sizes());
           TORCH_CHECK(group_size > 0 && group_size <= fade::cpu::kQ8MaxGroup && x.size(1) % group_size == 0,
@@ -203,6 +203,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("out_features"));
   m.def("active_isa", &fade::cpu::active_isa, "kernel family in use: 'avx512', 'avx2' or 'scalar'");
   m.def("supported_isas", &fade::cpu::supported_isas, "kernel families this CPU can run, best first");
+  m.def("use_avxvnni", &fade::cpu::use_avxvnni,
+        "AVX2 int8 kernel: AVX-VNNI if enabled and present, else vpmaddubsw (tests); returns the choice",
+        py::arg("enabled"));
   m.def("set_isa", &fade::cpu::set_isa, "force a kernel family (tests)", py::arg("name"));
   m.def("cpu_vendor", &fade::cpu::cpu_vendor, "'intel', 'amd' or 'other'");
   m.def("gptq_sweep_block", &gptq_sweep_block,

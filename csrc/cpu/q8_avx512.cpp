@@ -22,6 +22,7 @@ namespace {
 #include "simd_avx512.inc"
 
 struct V : Simd512 {
+  static constexpr bool kNarrowProducts = false;
   static FADE_INLINE I zeroi() { return _mm512_setzero_si512(); }
   static FADE_INLINE I addi(I a, I b) { return _mm512_add_epi32(a, b); }
   template <int S> static FADE_INLINE I srai(I a) { return _mm512_srai_epi32(a, S); }

@@ -19,6 +19,7 @@ namespace {
 #include "simd_avx2.inc"
 
 struct V : Simd256 {
+  static constexpr bool kNarrowProducts = false;
   static FADE_INLINE I zeroi() { return _mm256_setzero_si256(); }
   static FADE_INLINE I addi(I a, I b) { return _mm256_add_epi32(a, b); }
   template <int S> static FADE_INLINE I srai(I a) { return _mm256_srai_epi32(a, S); }

@@ -1,8 +1,8 @@
 // Portable int8-activation kernel: the same arithmetic as q8_simd.inc in plain C++ (codes read
 // one at a time from the layouts described in qmatmul_cpu.h). It is the readable statement of
-// the kernel and the path on CPUs without VNNI when the int8 kernel is requested. Every step
+// the kernel and the path on CPUs without AVX2 when the int8 kernel is requested. Every step
 // that rounds is the same operation in the same order as the SIMD kernels (one fp32 multiply
-// s_w * s_x, one fused multiply-add per group), so all three produce identical bits.
+// s_w * s_x, one fused multiply-add per group), so all four produce identical bits.
 #include <math.h>
 #include <stdint.h>
 

@@ -31,12 +31,27 @@ bool cpu_has(Isa isa) {
   return isa == kScalar;
 }
 
-// Whether the int8-activation kernel of a family runs natively (vpdpbusd) on this CPU. The
-// portable family always can (plain C++).
+bool cpu_has_avxvnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+
+// Whether the AVX2 family's int8 kernel uses AVX-VNNI (where the CPU has it) or vpmaddubsw.
+std::atomic<bool>& avxvnni_slot() {
+  static std::atomic<bool> use{cpu_has_avxvnni()};
+  return use;
+}
+
+// Whether the int8-activation kernel of a family runs as SIMD code on this CPU: AVX-512 needs
+// VNNI (vpdpbusd); the AVX2 family runs vpdpbusd with AVX-VNNI, else vpmaddubsw/vpmaddwd
+// (q8_avx2.cpp). The portable family always can (plain C++).
 bool cpu_has_q8(Isa isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (isa == kAvx512) return cpu_has(kAvx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-  if (isa == kAvx2) return cpu_has(kAvx2) && __builtin_cpu_supports("avxvnni");
+  if (isa == kAvx2) return cpu_has(kAvx2);
 #endif
   return isa == kScalar;
 }
@@ -331,12 +346,16 @@ at::Tensor fused_q8(const at::Tensor& x, const at::Tensor& words_q8, const at::T
   a.zeros = zeros.data_ptr<uint8_t>();
   const int isa = isa_slot().load(std::memory_order_relaxed);
   const bool native = cpu_has_q8(Isa(isa));
+  const bool vnni = isa == kAvx2 && avxvnni_slot().load(std::memory_order_relaxed);
   // Same work split as the fp32 kernel: columns across threads once each has enough work.
   const int64_t work_per_tile = K * kTileN * M;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work_per_tile, 1));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
     if (native && isa == kAvx512) q8_tiles_avx512(a, t0, t1);
-    else if (native && isa == kAvx2) q8_tiles_avxvnni(a, t0, t1);
+    else if (native && isa == kAvx2) {
+      if (vnni) q8_tiles_avxvnni(a, t0, t1);
+      else q8_tiles_avx2(a, t0, t1);
+    }
     else q8_tiles_scalar(a, t0, t1);
   });
   return x.scalar_type() == at::kHalf ? y.to(at::kHalf) : y;
@@ -415,6 +434,11 @@ bool cpu_has_bf16_dot() {
 }
 
 bool q8_native() { return cpu_has_q8(Isa(isa_slot().load())); }
+
+bool use_avxvnni(bool enabled) {
+  avxvnni_slot().store(enabled && cpu_has_avxvnni());
+  return avxvnni_slot().load();
+}
 
 std::vector<at::Tensor> quantize_activations_q8(const at::Tensor& x, int64_t group_size) {
   const at::Tensor xf = x.to(at::kFloat).contiguous();

@@ -108,9 +108,11 @@ struct Q8Args : GemvCommon {  // words: GPTQ words (4-bit) or the q8 layout (3-b
 // Rows per block of the int8 kernels (their register tile height).
 constexpr int kQ8RowBlock = 4;
 
-// y[:, tiles t0..t1) for column tiles [t0, t1): AVX-512 VNNI, AVX-VNNI (256-bit) and portable.
+// y[:, tiles t0..t1) for column tiles [t0, t1): AVX-512 VNNI, AVX-VNNI (256-bit), AVX2 without
+// VNNI (vpmaddubsw) and portable.
 void q8_tiles_avx512(const Q8Args& a, int64_t t0, int64_t t1);
 void q8_tiles_avxvnni(const Q8Args& a, int64_t t0, int64_t t1);
+void q8_tiles_avx2(const Q8Args& a, int64_t t0, int64_t t1);
 void q8_tiles_scalar(const Q8Args& a, int64_t t0, int64_t t1);
 
 // Arguments of the tile dequantizer used for large M (then a dense GEMM).

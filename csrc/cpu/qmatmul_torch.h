@@ -38,6 +38,9 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& words, const at::Tenso
 
 // Whether the active family's int8-activation kernel runs natively (VNNI) on this CPU.
 bool q8_native();
+// The AVX2 family's int8 kernel: AVX-VNNI when `enabled` and the CPU has it, else vpmaddubsw
+// (tests drive both); returns which one is now used (true: AVX-VNNI).
+bool use_avxvnni(bool enabled);
 // The int8 kernels' activation quantizer on x float [M, K] (K a multiple of group_size):
 // {q int8 [M, K], scale float32 [M, K/group_size], sum int32 [M, K/group_size]} (tests).
 std::vector<at::Tensor> quantize_activations_q8(const at::Tensor& x, int64_t group_size);

@@ -6,13 +6,14 @@ unavailable with the reason, and nothing raises at import.
 
 Paths, chosen by the row count M of the flattened activation and its dtype:
   M <= fused_max_m(dtype)  a fused kernel that reads each packed word once:
-    int8 activations (activations="int8"; "auto" picks it when the CPU has VNNI and
+    int8 activations (activations="int8"; "auto" picks it when the family runs it as SIMD and
       M <= INT8_MAX_M): each kernel group of x is quantized once per call to int8 with its own
       scale, and the codes meet it in integer dot products (vpdpbusd; csrc/cpu/q8_simd.inc):
       y += s_w * s_x * (Σ xq*q - z * Σ xq), exact in the bracket. Extra error against the fp32
       dequantized reference: each |x - xq*s_x| <= s_x / 2, so per output
       |Δy_n| <= Σ_g s_x,g / 2 * Σ_{k in g} |W[n, k]|   (tests/ops/test_cpu_q8.py checks it).
-      AVX-512 VNNI / AVX-VNNI / portable.
+      AVX-512 VNNI / AVX-VNNI / AVX2 without VNNI (vpmaddubsw + vpmaddwd: the same sums,
+      q8_avx2.cpp) / portable, all bit-identical.
     fp32 activations (csrc/cpu/qgemv_simd.inc): accumulates Σ x̃*q per group in fp32 over
       group-centred activations x̃ = x - μ and applies the group's scale and zero term once:
       y += s * (Σ x̃*q + μ * D), with D = Σ (q - z) precomputed at repack. AVX-512 / AVX2 / portable.
@@ -134,7 +135,7 @@ re-dequantizing per call. Layers beyond the budget dequantize per call (dequant 
 
 _DENSE_CACHED = [0]  # bytes held by the dense-weight cache now
 
-# Whether the active kernel family's int8 kernel runs on VNNI here (refreshed by set_isa).
+# Whether the active kernel family's int8 kernel runs as SIMD code here (refreshed by set_isa).
 _Q8_NATIVE = [bool(_C is not None and _C.q8_native())]
 
 
@@ -146,7 +147,8 @@ def set_isa(name: str) -> None:
 
 
 def int8_native() -> bool:
-    """Whether activations="auto" may pick the int8 kernel: the active family runs it on VNNI."""
+    """Whether activations="auto" may pick the int8 kernel: the active family runs it as SIMD code
+    (AVX-512 VNNI, AVX-VNNI or AVX2), not the portable loop."""
     return _Q8_NATIVE[0]
 
 
@@ -379,7 +381,7 @@ def cpu_forward_packed(x: torch.Tensor, packed: dict, bias: torch.Tensor | None 
     x float32/bfloat16/float16 (..., K) on CPU; bias float (N,) or None. Returns (..., N) in x's
     dtype. path: "auto" (fused when M <= fused_max_m(x.dtype)), "fused" or "dequant".
     activations (the fused path): "int8" (quantize each kernel group of x to int8, integer dot
-    products), "fp32" (the fp32-activation kernel), "auto" (int8 when this CPU has VNNI and
+    products), "fp32" (the fp32-activation kernel), "auto" (int8 when int8_native() and
     M <= INT8_MAX_M) or None (the module default ACTIVATIONS, from FADE_CPU_ACTIVATIONS).
     """
     if _C is None:

@@ -12,7 +12,8 @@ _ISAS = cpu._C.supported_isas() if cpu.cpu_available()[0] else []
 @pytest.fixture(params=_ISAS)
 def isa(request):
     """Force one CPU kernel family ("avx512", "avx2", "scalar": each this CPU can run) for the
-    test (its int8 kernel uses VNNI where the CPU has it, else the portable one); restore after."""
+    test (its int8 kernel: VNNI where the CPU has it, AVX2's vpmaddubsw, or the portable one);
+    restore after."""
     before = cpu._C.active_isa()
     cpu.set_isa(request.param)
     yield request.param

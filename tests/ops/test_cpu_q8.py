@@ -9,8 +9,8 @@ float64, on fresh random inputs (the seed is in every failure message):
   * against the float64 product of the original x: additionally within the rounding bound
     |Δy_n| <= Σ_g s_g / 2 * Σ_{k in g} |W[n, k]|   (each |x - q*s| <= s/2).
 Integers are bit-exact: the 3-bit repack round trip, the quantizer against its torch statement
-(reference.quantize_activations_q8), and the outputs of the three kernel families, which round
-in the same operations in the same order.
+(reference.quantize_activations_q8), and the outputs of the kernel families (AVX-512 VNNI, AVX2
+with AVX-VNNI or vpmaddubsw, portable), which round in the same operations in the same order.
 """
 from __future__ import annotations
 
@@ -130,12 +130,17 @@ def test_int8_forward_identical_across_kernel_families(bits):
     qweight, qzeros, scales, _ = random_gptq(416, 70, bits, 32, generator=gen)
     packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits)
     x, bias = activations(7, 416, gen), torch.randn(70, generator=gen)
-    before = cpu._C.active_isa()
+    before, vnni = cpu._C.active_isa(), cpu._C.use_avxvnni(True)
     outs = {}
     try:
         for name in ISAS:
             cpu.set_isa(name)
             outs[name] = cpu.cpu_forward_packed(x, packed, bias, path="fused", activations="int8")
+            if name == "avx2" and vnni:
+                # The same family on vpmaddubsw, as CPUs without AVX-VNNI run it.
+                cpu._C.use_avxvnni(False)
+                outs["avx2-maddubs"] = cpu.cpu_forward_packed(x, packed, bias, path="fused", activations="int8")
+                cpu._C.use_avxvnni(True)
     finally:
         cpu.set_isa(before)
     first = outs[ISAS[0]]
@@ -160,7 +165,7 @@ def test_int8_forward_bf16_and_fp16_activations(isa, bits):
                                                                                   activations="int8").half())
 
 
-def test_auto_mode_picks_int8_only_for_small_m_on_vnni(monkeypatch):
+def test_auto_mode_picks_int8_only_for_small_m_where_it_runs_as_simd(monkeypatch):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     qweight, qzeros, scales, _ = random_gptq(384, 64, 4, 128, generator=gen)

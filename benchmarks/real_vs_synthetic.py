@@ -53,7 +53,8 @@ def summarize(label: str, results: dict) -> list[dict]:
         key = (run["method"], run["bits"])
         row = grouped.setdefault(key, {"label": label, "method": run["method"], "bits": run["bits"], "seeds": [],
                                        "wer": {"all": [], "real": [], "synthetic": []}})
-        row["seeds"].append(run.get("seed"))
+        # Data-free methods (RTN) record no seed: one model serves every seed.
+        row["seeds"].append(run.get("seed") if run.get("seed") is not None else "any")
         for part, value in split_wer(run).items():
             row["wer"][part].append(value)
     rows += [grouped[k] for k in sorted(grouped, key=lambda k: (-k[1], k[0]))]

@@ -4,7 +4,7 @@ to damage files and inspect what a command left behind.
 
 The fixtures live here rather than in a second conftest.py, which would shadow tests/conftest.py
 for the tests that import helpers from it (`from conftest import ...`); tests/conftest.py loads
-this module as a plugin, so `assets` and `checkpoint` are built once per session."""
+this module as a plugin, so `assets` and `checkpoint` are built once per test run (pytest's session scope)."""
 from __future__ import annotations
 
 import hashlib

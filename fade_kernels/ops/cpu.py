@@ -20,14 +20,18 @@ Paths, chosen by the row count M of the flattened activation and its dtype:
   larger M  F.linear on the layer's dequantized weight kept in a cache (DENSE_CACHE_BYTES, in the
       GEMM's dtype), or past that budget: dequantize W^T in column chunks to fp32 (bf16 for bf16
       activations) and multiply with torch's dense GEMM (MKL / oneDNN).
-The fused kernel runs near the FMA peak once M >= 8 (~200 GFLOP/s per Zen 5 core, AVX-512), so
-for fp32 it stays ahead of the dense GEMM wherever MKL runs AVX2 kernels, i.e. on non-Intel CPUs:
-on the Zen 5 test machine it is ~2x faster than fp32 F.linear at M = 1500. The thresholds are set
-at import (override with the environment variables FADE_CPU_FUSED_MAX_M, FADE_CPU_FUSED_MAX_M_BF16):
-  float32/float16  unlimited on non-Intel CPUs; 64 on Intel, where MKL's AVX-512 sgemm should be
-                   at peak (a conservative guess, not measured: no Intel machine was available)
+With AVX-512 the fused kernel runs near the FMA peak once M >= 8 (~200 GFLOP/s per Zen 5 core),
+so for fp32 it stays ahead of the dense GEMM wherever MKL runs AVX2 kernels, i.e. on non-Intel
+CPUs: on the Zen 5 test machine it is ~2x faster than fp32 F.linear at M = 1500. The AVX2 fused
+kernel has half the vector width and loses to MKL's AVX2 sgemm past M ~ 32. The thresholds are
+set at import from the kernel family (override with the environment variables
+FADE_CPU_FUSED_MAX_M, FADE_CPU_FUSED_MAX_M_BF16):
+  float32/float16  AVX-512: unlimited on non-Intel CPUs; 64 on Intel, where MKL's AVX-512 sgemm
+                   should be at peak (a conservative guess, not measured: no Intel machine was
+                   available). AVX2 or portable: AVX2_FUSED_MAX_M = 32 (measured crossover 16-64)
   bfloat16         48 when the CPU has AVX512_BF16/AMX (oneDNN's bf16 GEMM is then ~4x faster
-                   than any fp32-FMA kernel at large M; measured crossover 48-64), else as float32
+                   than any fp32-FMA kernel at large M; measured crossover 48-64); otherwise as
+                   float32 on AVX-512, and unlimited on AVX2, where torch's bf16 GEMM is emulated
 
 Both consume a load-time repack of the GPTQ tensors (`repack_for_cpu`), the "tiled" layout:
   words  int32   [T, K*bits/32, 32]  qweight's words, column tile t = columns 32t..32t+31,
@@ -98,12 +102,33 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-# Largest row count served by the fused kernel for float32/float16 and for bfloat16 activations
-# (see the module docstring for how the defaults are chosen).
 _UNLIMITED = 2 ** 62
+
+AVX2_FUSED_MAX_M = 32
+"""Default fused/dense crossover for float32 activations when the kernel family is not AVX-512.
+On an AVX2-only CPU the fused kernel takes 0.4-0.84x F.linear's time at M = 16 and 1.0-1.4x at
+M = 64-128 (3-bit worse than 4-bit), and MKL's AVX2 sgemm wins from there on
+(benchmarks/results/kernels-cpu/large_m_tiny_base_amd_avx2.md)."""
+
+
+def _default_fused_max_m(isa: str, vendor: str, bf16_dot: bool) -> tuple[int, int]:
+    """(float32/float16, bfloat16) crossovers before the environment overrides, for the kernel
+    family `isa` chosen at load, the CPU `vendor` and whether it has a bf16 dot product."""
+    if isa == "avx512":
+        fp32 = 64 if vendor == "intel" else _UNLIMITED
+        return fp32, 48 if bf16_dot else fp32
+    # AVX2 or portable kernels: the dense sgemm wins at large M. Without a bf16 dot product,
+    # torch's bf16 GEMM is 4-9x slower than the fused kernel at every measured M (same table),
+    # so bf16 activations stay on the fused kernel.
+    return AVX2_FUSED_MAX_M, 48 if bf16_dot else _UNLIMITED
+
+
+# Largest row count served by the fused kernel for float32/float16 and for bfloat16 activations,
+# fixed at import from the family the CPU runs (set_isa, a test and benchmark knob, keeps them).
 if _C is not None:
-    FUSED_MAX_M = _env_int("FADE_CPU_FUSED_MAX_M", 64 if _C.cpu_vendor() == "intel" else _UNLIMITED)
-    FUSED_MAX_M_BF16 = _env_int("FADE_CPU_FUSED_MAX_M_BF16", 48 if _C.cpu_has_bf16_dot() else FUSED_MAX_M)
+    _FP32_DEFAULT, _BF16_DEFAULT = _default_fused_max_m(_C.active_isa(), _C.cpu_vendor(), bool(_C.cpu_has_bf16_dot()))
+    FUSED_MAX_M = _env_int("FADE_CPU_FUSED_MAX_M", _FP32_DEFAULT)
+    FUSED_MAX_M_BF16 = _env_int("FADE_CPU_FUSED_MAX_M_BF16", _BF16_DEFAULT)
 else:
     FUSED_MAX_M = FUSED_MAX_M_BF16 = 0
 

@@ -142,8 +142,11 @@ def quantize_model(model: nn.Module, samples: list[CalibSample], config: QuantCo
     if resume is not None and not keep_checkpoint:
         resume.clear()
     from fade_kernels.nn.head import apply_head_format
+    from fade_kernels.pipeline.head_calibration import head_solver
 
-    apply_head_format(model, config.head, config.head_group_size)   # the tied output projection/embedding
+    # The tied output projection / token embedding, solved on the quantized model's statistics.
+    apply_head_format(model, config.head, config.head_group_size,
+                      head_solver(model, samples, config, adapter, batch_size, progress))
     report.average_bits = average_bits(model)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()

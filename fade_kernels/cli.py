@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fade_kernels.config import (CLIP_METHODS, DEFAULT_HEAD_GROUP_SIZE, EXPORT_FORMATS, FADE_RULES, HEAD_FORMATS,
-                                 SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS)
+                                 HEAD_SOLVERS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS)
 
 # Methods whose result does not depend on calibration data (everything else needs --calib).
 DATA_FREE_METHODS = ("rtn",)
@@ -136,7 +136,8 @@ def _write_report_dir(report, folder: Path, run_info: dict) -> None:
 def _config_kwargs(args) -> dict:
     """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
     kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
-    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "head_group_size", "clip", "avg_bits"):
+    for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "head_group_size", "head_solver", "clip",
+                 "avg_bits"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
@@ -447,6 +448,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                              "8/4-bit round-to-nearest (default: QuantConfig's)")
     parser.add_argument("--head-group-size", type=int, choices=SUPPORTED_GROUP_SIZES,
                         help=f"columns per scale of a bits4/bits8 head (default {DEFAULT_HEAD_GROUP_SIZE})")
+    parser.add_argument("--head-solver", choices=HEAD_SOLVERS,
+                        help="how a bits4/bits8 head gets its codes: rtn (round to nearest) or gptq (on the "
+                             "statistics of its input in the quantized model) (default: QuantConfig's)")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:

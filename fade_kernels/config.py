@@ -67,6 +67,9 @@ HEAD_FORMATS = ("fp32", "bf16", "bits8", "bits4")
 # Columns per scale of a bits4/bits8 head. 32 rather than 64: on tiny.en (FADE w4, 283 evaluation
 # utterances) a 4-bit head cost 0.46 WER points at g32 and 1.01 at g64, for 0.8 MiB more.
 DEFAULT_HEAD_GROUP_SIZE = 32
+# How a bits4/bits8 head gets its codes: round to nearest, or GPTQ on the head's input statistics
+# measured on the quantized model (pipeline/head_calibration.py).
+HEAD_SOLVERS = ("rtn", "gptq")
 # How each group's grid range is chosen (solver/grid.py): min-max, or a clipping search.
 CLIP_METHODS = ("minmax", "mse", "hessian")
 
@@ -88,8 +91,10 @@ class QuantConfig:
     ablation that keeps one of the two terms.
     awq_grid: number of AWQ exponents searched in [0, 1).
     head: storage of the output projection and the token embedding tied to it (nn/head.py):
-    "fp32" (unchanged), "bf16", "bits8" or "bits4" (round to nearest, asymmetric, groups of
-    head_group_size columns). Applied after the linears are quantized.
+    "fp32" (unchanged), "bf16", "bits8" or "bits4" (asymmetric, groups of head_group_size
+    columns). Applied after the linears are quantized. head_solver: how a bits4/bits8 head gets
+    its codes: "rtn" (round to nearest) or "gptq" (on the head's input statistics, measured on
+    the quantized model; pipeline/head_calibration.py).
     clip: each group's grid range: "minmax" (the group's min and max), or the shrunk range with
     the least rounding error, unweighted ("mse") or weighted by the input Hessian's diagonal
     ("hessian"); used by the RTN and GPTQ solvers, hence by QEP and FADE too. None (the
@@ -118,6 +123,7 @@ class QuantConfig:
     awq_grid: int = 20
     head: str = "fp32"
     head_group_size: int = DEFAULT_HEAD_GROUP_SIZE
+    head_solver: str = "rtn"
     clip: str | None = None
     avg_bits: float | None = None
 
@@ -155,6 +161,8 @@ class QuantConfig:
             raise ValueError(f"head must be one of {HEAD_FORMATS}, got {self.head!r}")
         if self.head_group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"head_group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.head_group_size!r}")
+        if self.head_solver not in HEAD_SOLVERS:
+            raise ValueError(f"head_solver must be one of {HEAD_SOLVERS}, got {self.head_solver!r}")
         if isinstance(self.skip_modules, str) or not all(
                 isinstance(p, str) and p.strip() for p in self.skip_modules):
             raise ValueError(f"skip_modules must be a sequence of non-empty module-name patterns, "

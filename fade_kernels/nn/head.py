@@ -22,7 +22,7 @@ write it through `dense_head`, which puts it back for the duration of the write.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -148,10 +148,12 @@ def _install(model: nn.Module, head: nn.Module, embedding: nn.Module) -> None:
         model.all_tied_weights_keys = {}
 
 
-def apply_head_format(model: nn.Module, fmt: str, group_size: int = DEFAULT_HEAD_GROUP_SIZE) -> None:
+def apply_head_format(model: nn.Module, fmt: str, group_size: int = DEFAULT_HEAD_GROUP_SIZE,
+                      solve: Callable[[torch.Tensor, int, int], QuantLinear] | None = None) -> None:
     """Store `model`'s tied output projection + token embedding in format `fmt` (HEAD_FORMATS),
-    in place. bits4/bits8 quantize the float32 matrix (vocab, d_model) with round to nearest,
-    asymmetric, groups of `group_size` columns. "fp32" leaves the model unchanged.
+    in place. bits4/bits8 quantize the float32 matrix (vocab, d_model), asymmetric, in groups of
+    `group_size` columns: with round to nearest, or with solve(weight, bits, group_size) ->
+    QuantLinear when given (pipeline/head_calibration.py). "fp32" leaves the model unchanged.
     Raises ValueError when the projection is not an nn.Linear tied to an nn.Embedding."""
     if fmt not in HEAD_FORMATS:
         raise ValueError(f"head format must be one of {HEAD_FORMATS}, got {fmt!r}")
@@ -162,7 +164,11 @@ def apply_head_format(model: nn.Module, fmt: str, group_size: int = DEFAULT_HEAD
         head: nn.Module = LowPrecisionLinear(linear.weight.detach().to(torch.bfloat16))
         embedding: nn.Module = LowPrecisionEmbedding(head)
     else:
-        head = QuantLinear.from_linear(linear, bits=int(fmt[4:]), group_size=group_size)
+        bits = int(fmt[4:])
+        if solve is None:
+            head = QuantLinear.from_linear(linear, bits=bits, group_size=group_size)
+        else:
+            head = solve(linear.weight.detach(), bits, group_size)
         embedding = PackedEmbedding(head)
     _install(model, head, embedding)
 

@@ -60,6 +60,7 @@ def cmd_quantize(args) -> int:
 
     if args.n_calib < 1:
         raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
+    augmentations = _augmentations(args)
     try:
         parse_size(args.max_memory)
     except ValueError:
@@ -93,7 +94,8 @@ def cmd_quantize(args) -> int:
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
           f"{len(utterances)} calibration utterances (seed {args.seed})")
     if utterances:
-        samples = prepare_samples(model, processor, utterances, progress=not args.quiet)
+        samples = prepare_samples(model, processor, utterances, progress=not args.quiet,
+                                  augmentations=augmentations, seed=args.seed)
     else:
         from fade_kernels.sweep import silence_samples
 
@@ -173,6 +175,16 @@ def _parse_list(value: str, option: str, cast=str, allowed=None) -> list:
     return out
 
 
+def _augmentations(args) -> tuple[str, ...]:
+    """--augment as a tuple of calib.augment.AUGMENTATIONS names (CliError naming the option)."""
+    from fade_kernels.calib.augment import parse_augmentations
+
+    try:
+        return parse_augmentations(args.augment)
+    except ValueError as error:
+        raise CliError(f"--augment: {error}") from None
+
+
 def cmd_sweep(args) -> int:
     from fade_kernels.sweep import run_sweep
 
@@ -181,6 +193,7 @@ def cmd_sweep(args) -> int:
     seeds = _parse_list(args.seeds, "--seeds", int)
     if args.n_calib < 1:
         raise CliError(f"--n-calib must be at least 1, got {args.n_calib}")
+    augmentations = _augmentations(args)
     if args.max_eval is not None and args.max_eval < 1:
         raise CliError(f"--max-eval must be at least 1, got {args.max_eval}")
     if args.batch_size < 1:
@@ -203,7 +216,8 @@ def cmd_sweep(args) -> int:
     results = run_sweep(args.model, methods, bits, args.group_size, seeds, args.calib, args.eval, args.out,
                         n_calib=args.n_calib, max_eval=args.max_eval, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-                        dequantize_eval=not args.eval_kernels, config_kwargs=kwargs, progress=not args.quiet)
+                        dequantize_eval=not args.eval_kernels, config_kwargs=kwargs, progress=not args.quiet,
+                        augmentations=augmentations)
     out = Path(args.out)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out / 'plots'}")
@@ -342,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration manifest (.jsonl) or LibriSpeech-style folder")
     q.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn with --seed")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--augment", metavar="KINDS",
+                   help="comma list from speed,noise,level: one perturbed copy of every calibration clip per name "
+                        "(tempo x0.9/1.1, white noise at 10-30 dB SNR, gain -12..+6 dB), drawn with the seed")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True,
                    help="output checkpoint directory: new or empty (a folder holding other files is refused)")
@@ -372,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--eval", required=True, help="evaluation manifest, sharing no sentence with --calib")
     w.add_argument("--out", required=True, help="output folder (results.json, results.md, plots/); reruns resume")
     w.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn per seed")
+    w.add_argument("--augment", metavar="KINDS",
+                   help="comma list from speed,noise,level: one perturbed copy of every calibration clip per name "
+                        "(tempo x0.9/1.1, white noise at 10-30 dB SNR, gain -12..+6 dB), drawn with the seed")
     w.add_argument("--max-eval", type=int, help="evaluate only the first N utterances")
     w.add_argument("--batch-size", type=int, default=8, help="calibration batch")
     w.add_argument("--eval-batch-size", type=int, default=16,

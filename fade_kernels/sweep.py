@@ -48,7 +48,7 @@ RESULTS_FORMAT = 1
 DATA_FREE_METHODS = ("rtn",)
 # Settings recorded in results.json that a resumed sweep must share with the stored runs.
 _SETTING_KEYS = ("model", "group_size", "calib", "eval", "n_calib", "max_eval", "max_new_tokens",
-                 "config_kwargs", "dequantize_eval")
+                 "config_kwargs", "dequantize_eval", "augment")
 MB = 1e6  # tables use decimal megabytes
 
 
@@ -374,7 +374,7 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
               out_dir: str | os.PathLike, n_calib: int = 64, max_eval: int | None = None, batch_size: int = 8,
               eval_batch_size: int = 16, max_new_tokens: int = 128, dequantize_eval: bool = True,
               config_kwargs: dict | None = None, progress: bool = True, plots: bool = True,
-              model_and_processor: tuple | None = None) -> dict:
+              model_and_processor: tuple | None = None, augmentations: Sequence[str] = ()) -> dict:
     """Quantize `model_id` with every method x bits x seed, evaluate WER, and write results.
 
     methods: names from config.SUPPORTED_METHODS; bits_list: widths from SUPPORTED_BITS; seeds:
@@ -388,7 +388,9 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
     faster on CPU); False runs the packed QuantLinear backends. config_kwargs: extra QuantConfig
     fields (alpha, qep_damp, qep_exclude, fade_rule, awq_grid, sym, act_order, damp, ...).
     model_and_processor: an already-loaded (float32 model, processor) to use instead of loading
-    model_id (which then only labels the results).
+    model_id (which then only labels the results). augmentations: names from
+    calib.augment.AUGMENTATIONS; each adds a perturbed copy of every calibration clip (drawn with
+    the seed), see calib.samples.prepare_samples.
     Writes out_dir/results.json (incrementally), out_dir/results.md and out_dir/plots/*.png.
     Returns the results dict (see results.json: settings, meta, calibration {seed: ids}, fp, runs
     {run_key: record}, failed {run_key: error}).
@@ -430,6 +432,8 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
                 "max_new_tokens": max_new_tokens, "config_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
                                                                    for k, v in sorted(config_kwargs.items())},
                 "dequantize_eval": dequantize_eval}
+    if augmentations:   # absent otherwise, so sweeps written before the option resume
+        settings["augment"] = list(augmentations)
     results = _load_results(results_path, settings)
     results["meta"].update({"machine": _machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                             "python": platform.python_version()})
@@ -487,7 +491,8 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
         if calib_utts:
             # Data-free runs still get the real subset, so their reports' output errors mean something.
             subset = select_subset(calib_utts, n_calib, seed)
-            samples = prepare_samples(fp_model, processor, subset, adapter=adapter, progress=progress)
+            samples = prepare_samples(fp_model, processor, subset, adapter=adapter, progress=progress,
+                                      augmentations=tuple(augmentations), seed=seed)
             results["calibration"][str(seed)] = [u.id for u in subset]
         else:
             samples = silence_samples(fp_model, processor)

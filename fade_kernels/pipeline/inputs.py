@@ -21,11 +21,13 @@ def calibration_batches(samples: list[CalibSample], batch_size: int) -> list[lis
 
 
 def cross_fitting_halves(batches: list[list[CalibSample]]) -> list[torch.Tensor]:
-    """Per batch, int64 (B,): FADE's cross-fitting half (0 or 1) of each utterance, by its position
-    in the whole sample list (even / odd; the samples are a random subset already)."""
+    """Per batch, int64 (B,): FADE's cross-fitting half (0 or 1) of each sample: the parity of its
+    source utterance (CalibSample.source; augmented copies share their clip's), or of its position
+    in the whole sample list when it has none (the samples are a random subset already)."""
     halves, start = [], 0
     for batch in batches:
-        halves.append(torch.arange(start, start + len(batch)) % 2)
+        halves.append(torch.tensor([(start + i if s.source is None else s.source) % 2 for i, s in enumerate(batch)],
+                                   dtype=torch.int64))
         start += len(batch)
     return halves
 

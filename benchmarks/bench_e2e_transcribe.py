@@ -10,12 +10,18 @@ Rows
            (quantized checkpoint dirs written by `fade quantize`), through eval.decode.transcribe
            (the code `fade eval` / `fade transcribe` run), --dtypes fp32 / bf16 for full-precision
            models, --decoders lean / generate, at every --threads and --batch
-  faster-whisper  `WhisperModel.transcribe` (greedy: beam_size=1, without_timestamps=True,
+  faster-whisper  `WhisperModel.transcribe` (beam_size=1, without_timestamps=True,
            condition_on_previous_text=False, no VAD), one file at a time, and its
            BatchedInferencePipeline (batch = --batch), compute types --fw-compute-types, on the
            CTranslate2 directory --ct2-dir (default: the one bundled:tiny.en is converted from),
            run with the Python of --fw-venv (built with --build-fw-venv; rows skipped with a
            message when it is missing)
+
+Decoding: greedy in every row by default (faster-whisper with temperature=0.0 only). With
+--temperature-fallback every row retries looping or unlikely transcripts at rising temperatures:
+ours `transcribe(..., temperature_fallback=True)` (what `fade eval --temperature-fallback` runs),
+faster-whisper its default temperatures (0.0, 0.2, ..., 1.0), which is what a plain
+`WhisperModel.transcribe` call does.
 
   python benchmarks/bench_e2e_transcribe.py --manifest devset/eval.jsonl --max-utts 100 \\
       --checkpoints w4=ckpt/tiny.en-w4 --threads 1 2 --batch 1 8 --json e2e.json --md e2e.md
@@ -68,7 +74,8 @@ def run_ours(spec: dict) -> dict:
         model.to(torch.bfloat16)
     utts = _manifest_audio(spec["manifest"], spec["max_utts"])
     audios = [load_audio(u["audio"]) for u in utts]
-    kwargs = dict(batch_size=spec["batch"], progress=False, decoder=spec["decoder"])
+    kwargs = dict(batch_size=spec["batch"], progress=False, decoder=spec["decoder"],
+                  temperature_fallback=spec.get("temperature_fallback", False))
     transcribe(model, processor, audios[:1], **kwargs)                       # warm-up
     encoder = model.get_encoder()
     encoder_seconds = [0.0]
@@ -96,6 +103,8 @@ spec = json.loads(sys.argv[1])
 from faster_whisper import WhisperModel, BatchedInferencePipeline
 model = WhisperModel(spec["ct2_dir"], device="cpu", compute_type=spec["compute_type"], cpu_threads=spec["threads"])
 options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False, vad_filter=False)
+if not spec["temperature_fallback"]:
+    options["temperature"] = 0.0
 if spec["batched"]:
     pipe = BatchedInferencePipeline(model)
     run = lambda path: pipe.transcribe(path, batch_size=spec["batch"], **options)
@@ -163,6 +172,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--fw-venv", default=str(DEFAULT_FW_VENV), help="virtual env with faster-whisper")
     parser.add_argument("--build-fw-venv", action="store_true", help="create --fw-venv and pip install faster-whisper")
     parser.add_argument("--fw-compute-types", nargs="*", default=["int8", "float32"])
+    parser.add_argument("--temperature-fallback", action="store_true",
+                        help="every row retries looping / unlikely transcripts at rising temperatures "
+                             "(default: greedy only, faster-whisper included)")
     parser.add_argument("--json")
     parser.add_argument("--md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -204,7 +216,8 @@ def main(argv=None) -> dict:
             for threads in args.threads:
                 for batch in args.batch:
                     spec = {"model": model, "dtype": dtype, "decoder": decoder, "threads": threads, "batch": batch,
-                            "manifest": args.manifest, "max_utts": args.max_utts}
+                            "manifest": args.manifest, "max_utts": args.max_utts,
+                            "temperature_fallback": args.temperature_fallback}
                     result = _subprocess([sys.executable, __file__, "--manifest", args.manifest, "--worker",
                                           json.dumps(spec)], threads)
                     add(f"ours {label} ({decoder})", threads, batch, result)
@@ -223,16 +236,20 @@ def main(argv=None) -> dict:
                 for batched, batches in ((False, [1]), (True, [b for b in args.batch if b > 1])):
                     for batch in batches:
                         spec = {"ct2_dir": ct2_dir, "compute_type": compute_type, "threads": threads,
-                                "batched": batched, "batch": batch, "paths": [u["audio"] for u in utts]}
+                                "batched": batched, "batch": batch, "paths": [u["audio"] for u in utts],
+                                "temperature_fallback": args.temperature_fallback}
                         result = _subprocess([str(fw_python), "-c", FW_WORKER, json.dumps(spec)], threads)
                         name = "BatchedInferencePipeline" if batched else "WhisperModel.transcribe"
                         add(f"faster-whisper {compute_type} {name}", threads, batch, result)
 
     info = machine_info()
     result = {"machine": info, "manifest": args.manifest, "n_utts": len(utts), "audio_seconds": audio_seconds,
+              "temperature_fallback": args.temperature_fallback,
               "rows": rows, "skipped": skipped, "argv": sys.argv[1:] if argv is None else list(argv)}
     lines = [machine_line(info), "", f"{len(utts)} utterances, {audio_seconds:.0f} s of audio; wall time of "
-             "transcription only (load and a one-utterance warm-up excluded); one subprocess per row.", "",
+             "transcription only (load and a one-utterance warm-up excluded); one subprocess per row; decoding: "
+             + ("greedy with temperature fallback in every row." if args.temperature_fallback else
+                "greedy in every row (no temperature fallback)."), "",
              "| system | threads | batch | seconds | encoder s | ms / token outside encoder | audio s / s | "
              "tokens / s | peak MiB | WER % |",
              "|---|---|---|---|---|---|---|---|---|---|"]

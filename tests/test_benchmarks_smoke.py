@@ -202,10 +202,12 @@ def test_bench_e2e_transcribe_scores_our_row_and_skips_missing_faster_whisper(tm
     manifest.write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "The lazy dog sleeps.", "subset": "x"}) + "\n")
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(BENCH / "bench_e2e_transcribe.py"), "--manifest", str(manifest), "--max-utts", "1",
-           "--threads", "1", "--batch", "1", "--dtypes", "fp32", "--fw-venv", str(tmp_path / "none"), "--json", str(out)]
+           "--threads", "1", "--batch", "1", "--dtypes", "fp32", "--fw-venv", str(tmp_path / "none"), "--json", str(out),
+           "--temperature-fallback"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert data["temperature_fallback"] is True
     (row,) = data["rows"]
     assert row["system"] == "ours bundled:tiny.en fp32 (lean)" and row["seconds"] > 0 and row["tokens"] > 0
     assert 0.0 <= row["wer"] <= 0.5

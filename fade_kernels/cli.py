@@ -100,6 +100,7 @@ def cmd_quantize(args) -> int:
         from fade_kernels.sweep import silence_samples
 
         samples = silence_samples(model, processor)
+        config = config.without_calibration_data()
     if resume_dir is not None:
         args.interrupt_hint = args.storage_hint = (f"the finished blocks are kept in {resume_dir}: rerun the same "
                                                    f"command to continue from there")
@@ -469,8 +470,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-group-size", type=int, choices=SUPPORTED_GROUP_SIZES,
                         help=f"columns per scale of a bits4/bits8 head (default {DEFAULT_HEAD_GROUP_SIZE})")
     parser.add_argument("--head-solver", choices=HEAD_SOLVERS,
-                        help="how a bits4/bits8 head gets its codes: rtn (round to nearest) or gptq (on the "
-                             "statistics of its input in the quantized model) (default: QuantConfig's)")
+                        help="how a bits4/bits8 head gets its codes: gptq (on the statistics of its input in the "
+                             "quantized model; the default when there is calibration data) or rtn (round to nearest)")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:

@@ -500,7 +500,8 @@ def run_sweep(model_id: str, methods: Sequence[str], bits_list: Sequence[int], g
             key = run_key(method, bits, seed)
             bar.set_postfix_str(key)
             try:
-                record = _run_one(api, fp_model, processor, adapter, samples, configs[(method, bits)], seed,
+                config = configs[(method, bits)] if calib_utts else configs[(method, bits)].without_calibration_data()
+                record = _run_one(api, fp_model, processor, adapter, samples, config, seed,
                                   batch_size, eval_utts, eval_kwargs, dequantize_eval, progress)
             except (ValueError, NotImplementedError, RuntimeError) as error:
                 # One broken configuration must not cost the rest of a long sweep; a rerun retries it.

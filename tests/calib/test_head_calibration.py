@@ -78,3 +78,20 @@ def test_quantize_model_solves_the_head_with_gptq(tiny_whisper, one_thread):
     assert not torch.equal(head.dequantize(), rtn)
     error = (head.dequantize() - weight).norm() / weight.norm()
     assert error < 0.2, error
+
+
+def test_a_run_without_calibration_data_rounds_the_head(assets, tmp_path, fade):
+    # RTN without --calib calibrates on silence: its head statistics would be of silence, so the
+    # default GPTQ head gives way to round to nearest.
+    from transformers import WhisperForConditionalGeneration
+
+    from fade_kernels.io import load_quantized
+
+    out = tmp_path / "q"
+    code, _, err = fade("quantize", "--model", str(assets["model"]), "--method", "rtn", "--bits", "4",
+                        "--group-size", "32", "--head", "bits4", "--out", str(out), "--quiet")
+    assert code == 0, err
+    weight = WhisperForConditionalGeneration.from_pretrained(assets["model"]).proj_out.weight.detach()
+    codes, scales, zeros = rtn_quantize(weight, 4, 32)
+    head = load_quantized(out).proj_out
+    assert torch.equal(head.dequantize(), dequantize_grouped(codes, scales, zeros))

@@ -27,7 +27,7 @@ from fade_kernels.calib.statistics import accumulate_symmetric_gram, mirror_bloc
 from fade_kernels.config import QuantConfig
 from fade_kernels.models.adapters import ModelAdapter
 from fade_kernels.nn.quant_linear import QuantLinear
-from fade_kernels.pipeline.inputs import calibration_batches
+from fade_kernels.pipeline.inputs import calibration_batches, encoder_frame_mask, teacher_forced_ids
 
 
 @torch.no_grad()
@@ -39,21 +39,12 @@ def head_input_gram(model: nn.Module, samples: list[CalibSample], adapter: Model
     Returns float32 (D, D). Padded encoder frames are masked as in calibration; right-padded
     token positions are dropped (a causal decoder cannot see them from real positions)."""
     encoder, decoder = adapter.encoder(model), adapter.decoder(model)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     gram, count = None, 0
-    batches = calibration_batches(samples, batch_size)
-    for batch in tqdm(batches, desc="head statistics", disable=not progress):
+    for batch in tqdm(calibration_batches(samples, batch_size), desc="head statistics", disable=not progress):
         inputs = adapter.collate_encoder_inputs(batch)
         encoded = encoder(**inputs).last_hidden_state
-        frames = torch.zeros(len(batch), encoded.shape[1], dtype=torch.bool)
-        for row, sample in enumerate(batch):
-            frames[row, : adapter.encoder_valid_frames(model, sample.n_samples, encoded.shape[1])] = True
-        longest = max(len(s.decoder_ids) for s in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        own = torch.zeros(len(batch), longest, dtype=torch.bool)
-        for row, sample in enumerate(batch):
-            ids[row, : len(sample.decoder_ids)] = sample.decoder_ids
-            own[row, : len(sample.decoder_ids)] = True
+        frames = encoder_frame_mask(model, adapter, batch, encoded.shape[1])
+        ids, own = teacher_forced_ids(model, batch)
         hidden = decoder(input_ids=ids, encoder_hidden_states=encoded, use_cache=False,
                          **adapter.decoder_call_kwargs(inputs, frames)).last_hidden_state
         rows = hidden[own].float()                                                   # (R, D)

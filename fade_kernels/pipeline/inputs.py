@@ -41,11 +41,28 @@ def encoder_first_call(model: nn.Module, adapter: ModelAdapter, batch: list[Cali
     inputs = adapter.collate_encoder_inputs(batch)
     with stage("capture"):
         call = capture_block_inputs(first_block, lambda: encoder(**inputs))
-    n_frames = call["hidden_states"].shape[1]
+    return inputs, call, {OWN_TOKENS: encoder_frame_mask(model, adapter, batch, call["hidden_states"].shape[1])}
+
+
+def encoder_frame_mask(model: nn.Module, adapter: ModelAdapter, batch: list[CalibSample], n_frames: int) -> torch.Tensor:
+    """bool (B, n_frames): True on the encoder frames of each sample that carry real audio."""
     valid = torch.zeros(len(batch), n_frames, dtype=torch.bool)
     for row, sample in enumerate(batch):
         valid[row, : adapter.encoder_valid_frames(model, sample.n_samples, n_frames)] = True
-    return inputs, call, {OWN_TOKENS: valid}
+    return valid
+
+
+def teacher_forced_ids(model: nn.Module, batch: list[CalibSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's decoder_ids right-padded with the pad (else end-of-text) token: (ids int64 (B, L),
+    own bool (B, L) True on real tokens), L the longest sequence."""
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    longest = max(len(s.decoder_ids) for s in batch)
+    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    own = torch.zeros(len(batch), longest, dtype=torch.bool)
+    for row, sample in enumerate(batch):
+        ids[row, : len(sample.decoder_ids)] = sample.decoder_ids
+        own[row, : len(sample.decoder_ids)] = True
+    return ids, own
 
 
 def decoder_first_call(model: nn.Module, adapter: ModelAdapter, batch: list[CalibSample], inputs: dict,
@@ -56,13 +73,7 @@ def decoder_first_call(model: nn.Module, adapter: ModelAdapter, batch: list[Cali
     bool (B, T_enc). Returns (call kwargs with hidden_states float (B, L, D), masks: {OWN_TOKENS:
     bool (B, L) on real tokens, ENCODER_FRAMES: encoder_mask})."""
     decoder, first_block = adapter.decoder(model), adapter.decoder_layers(model)[0]
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-    longest = max(len(s.decoder_ids) for s in batch)
-    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-    own = torch.zeros(len(batch), longest, dtype=torch.bool)
-    for row, sample in enumerate(batch):
-        ids[row, : len(sample.decoder_ids)] = sample.decoder_ids
-        own[row, : len(sample.decoder_ids)] = True
+    ids, own = teacher_forced_ids(model, batch)
     # Right padding under a causal mask cannot affect the real positions, so no decoder
     # attention mask is needed; padded rows are only dropped from the statistics.
     kwargs = adapter.decoder_call_kwargs(inputs, encoder_mask)

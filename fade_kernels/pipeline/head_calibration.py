@@ -9,8 +9,8 @@ decoding reads is the logit error, whose mean square over the calibration tokens
 That is GPTQ's objective for a layer whose input Gram is H, so the head is solved by the same
 column sweep as every other layer (solver/gptq.py), with its grids chosen by the Hessian-weighted
 clipping search. H is measured on the quantized model (after the pipeline), teacher-forced on the
-calibration transcripts, over real tokens only: the head then compensates for the error of the
-layers below it, as each GPTQ layer does for the layers before it.
+calibration transcripts, over real tokens only: the inputs the head will see, error of the
+layers below included, as each GPTQ layer is solved on its quantized chain's inputs.
 
 The matrix is also the token embedding (nn/head.py keeps one copy): the embedding reads the same
 rows, so its rows carry the sweep's error too; the choice between the two solvers is measured by

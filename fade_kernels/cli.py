@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fade_kernels.config import (CLIP_METHODS, DEFAULT_HEAD_GROUP_SIZE, EXPORT_FORMATS, FADE_RULES, HEAD_FORMATS,
-                                 HEAD_SOLVERS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS)
+from fade_kernels.config import (AVG_BITS_RULES, CLIP_METHODS, DEFAULT_HEAD_GROUP_SIZE, EXPORT_FORMATS, FADE_RULES,
+                                 HEAD_FORMATS, HEAD_SOLVERS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS)
 
 # Methods whose result does not depend on calibration data (everything else needs --calib).
 DATA_FREE_METHODS = ("rtn",)
@@ -140,7 +140,7 @@ def _config_kwargs(args) -> dict:
     """QuantConfig fields the user set (options left at None keep QuantConfig's defaults)."""
     kwargs = {"sym": args.sym, "act_order": args.act_order, "damp": args.damp}
     for name in ("alpha", "qep_damp", "fade_rule", "awq_grid", "head", "head_group_size", "head_solver", "clip",
-                 "avg_bits"):
+                 "avg_bits", "avg_bits_rule"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.qep_exclude is not None:
@@ -464,6 +464,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision: mean stored bits per weight (scales and zero points included); the "
                              "linear groups most sensitive to rounding get the next wider grid (e.g. --bits 3 "
                              "--avg-bits 3.25: some groups at 4 bits)")
+    parser.add_argument("--avg-bits-rule", choices=AVG_BITS_RULES,
+                        help="which groups --avg-bits upgrades: sensitivity (default) or random (a control, "
+                             "same budget, order drawn with --seed)")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
                              "8/4-bit round-to-nearest (default: QuantConfig's)")

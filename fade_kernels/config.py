@@ -73,6 +73,8 @@ DEFAULT_HEAD_GROUP_SIZE = 32
 # seeds against 16.34 / 19.27 / 17.19 rounded (fp32 head: 15.88 / 16.0 / 14.7); the 19.85 is two
 # repetition loops (124 of its 649 word errors).
 HEAD_SOLVERS = ("rtn", "gptq")
+# Which linear groups a mixed-precision budget upgrades (pipeline/bit_allocation.py).
+AVG_BITS_RULES = ("sensitivity", "random")
 # How each group's grid range is chosen (solver/grid.py): min-max, or a clipping search.
 CLIP_METHODS = ("minmax", "mse", "hessian")
 
@@ -108,7 +110,9 @@ class QuantConfig:
     avg_bits: mixed precision under a budget (pipeline/bit_allocation.py): the mean storage of the
     quantized weights in bits per weight, scales and zero points included; the most sensitive
     linear groups get the next wider grid (`wider_bits(bits)`) while the mean stays within it.
-    None (the default): every layer at `bits`.
+    None (the default): every layer at `bits`. avg_bits_rule: which groups get the wider grid:
+    "sensitivity" (the default, by rounding error per stored bit) or "random" (a control: groups
+    in a random order drawn from torch's generator, the same budget).
     """
 
     method: str = "gptq"
@@ -129,6 +133,7 @@ class QuantConfig:
     head_solver: str = "gptq"
     clip: str | None = None
     avg_bits: float | None = None
+    avg_bits_rule: str = "sensitivity"
 
     @property
     def spec(self) -> Method:
@@ -170,6 +175,8 @@ class QuantConfig:
                 isinstance(p, str) and p.strip() for p in self.skip_modules):
             raise ValueError(f"skip_modules must be a sequence of non-empty module-name patterns, "
                              f"got {self.skip_modules!r}")
+        if self.avg_bits_rule not in AVG_BITS_RULES:
+            raise ValueError(f"avg_bits_rule must be one of {AVG_BITS_RULES}, got {self.avg_bits_rule!r}")
         if self.avg_bits is not None:
             if wider_bits(self.bits) is None:
                 raise ValueError(f"avg_bits needs a bits value with a wider grid above it ({SUPPORTED_BITS}), "

@@ -20,7 +20,9 @@ comparable, i.e. each group's relative output error is assumed to cost the model
 
 Allocation. Moving a group from b to b' = wider_bits(b) lowers the summed score by e_b - e_b'
 and costs n_weights * (bits_per_weight(b') - bits_per_weight(b)) bits. Groups are taken by
-decreasing gain per bit, each one that still fits in the budget (a greedy knapsack).
+decreasing gain per bit, each one that still fits in the budget (a greedy knapsack). The control
+rule "random" (QuantConfig.avg_bits_rule) takes them in a random order instead, same budget, to
+measure what the sensitivity ranking is worth.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def relative_rounding_error(candidate: GroupCandidate, bits: int, group_size: in
 
 
 def allocate_bits(candidates: list[GroupCandidate], config: QuantConfig) -> dict[str, int]:
-    """The width of every layer of `candidates` under config.avg_bits (module docstring).
+    """The width of every layer of `candidates` under config.avg_bits by config.avg_bits_rule
+    (module docstring; "random" draws from torch's global generator).
 
     Returns {full name: bits} for every named layer (config.bits or wider_bits(config.bits)).
     Raises ValueError when avg_bits is below what config.bits alone stores."""
@@ -96,7 +99,11 @@ def allocate_bits(candidates: list[GroupCandidate], config: QuantConfig) -> dict
         extra = candidate.stored_bits(wide, config.group_size) - candidate.stored_bits(base, config.group_size)
         ranked.append((gain / extra, extra, candidate))
     plan = {name: base for candidate in candidates for name in candidate.names}
-    for _, extra, candidate in sorted(ranked, key=lambda item: -item[0]):
+    if config.avg_bits_rule == "random":
+        order = [ranked[i] for i in torch.randperm(len(ranked)).tolist()]
+    else:
+        order = sorted(ranked, key=lambda item: -item[0])
+    for _, extra, candidate in order:
         if extra <= slack:
             slack -= extra
             plan.update({name: wide for name in candidate.names})

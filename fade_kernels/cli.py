@@ -92,7 +92,8 @@ def cmd_quantize(args) -> int:
         # RTN needs no data; a few seconds of silence still exercise the pipeline's report.
         utterances = []
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-          f"{len(utterances)} calibration utterances (seed {args.seed})")
+          f"{len(utterances)} calibration utterances (seed {args.seed})"
+          + (f", each with {len(augmentations)} augmented copies ({', '.join(augmentations)})" if augmentations else ""))
     if utterances:
         samples = prepare_samples(model, processor, utterances, progress=not args.quiet,
                                   augmentations=augmentations, seed=args.seed)

@@ -358,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration manifest (.jsonl) or LibriSpeech-style folder")
     q.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn with --seed")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--augment", metavar="KINDS",
-                   help="comma list from speed,noise,level: one perturbed copy of every calibration clip per name "
-                        "(tempo x0.9/1.1, white noise at 10-30 dB SNR, gain -12..+6 dB), drawn with the seed")
+    _add_augment_option(q)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--out", required=True,
                    help="output checkpoint directory: new or empty (a folder holding other files is refused)")
@@ -391,9 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--eval", required=True, help="evaluation manifest, sharing no sentence with --calib")
     w.add_argument("--out", required=True, help="output folder (results.json, results.md, plots/); reruns resume")
     w.add_argument("--n-calib", type=int, default=64, help="calibration utterances drawn per seed")
-    w.add_argument("--augment", metavar="KINDS",
-                   help="comma list from speed,noise,level: one perturbed copy of every calibration clip per name "
-                        "(tempo x0.9/1.1, white noise at 10-30 dB SNR, gain -12..+6 dB), drawn with the seed")
+    _add_augment_option(w)
     w.add_argument("--max-eval", type=int, help="evaluate only the first N utterances")
     w.add_argument("--batch-size", type=int, default=8, help="calibration batch")
     w.add_argument("--eval-batch-size", type=int, default=16,
@@ -470,12 +466,19 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                              "same budget, order drawn with --seed)")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
-                             "8/4-bit round-to-nearest (default: QuantConfig's)")
+                             "8/4 bits (codes from --head-solver) (default: QuantConfig's)")
     parser.add_argument("--head-group-size", type=int, choices=SUPPORTED_GROUP_SIZES,
                         help=f"columns per scale of a bits4/bits8 head (default {DEFAULT_HEAD_GROUP_SIZE})")
     parser.add_argument("--head-solver", choices=HEAD_SOLVERS,
                         help="how a bits4/bits8 head gets its codes: gptq (on the statistics of its input in the "
                              "quantized model; the default when there is calibration data) or rtn (round to nearest)")
+
+
+def _add_augment_option(parser: argparse.ArgumentParser) -> None:
+    """--augment, shared by quantize and sweep (calib/augment.py)."""
+    parser.add_argument("--augment", metavar="KINDS",
+                        help="comma list from speed,noise,level: one perturbed copy of every calibration clip per "
+                             "name (tempo x0.9/1.1, white noise at 10-30 dB SNR, gain -12..+6 dB), drawn with the seed")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:

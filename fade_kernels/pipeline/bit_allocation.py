@@ -92,18 +92,18 @@ def allocate_bits(candidates: list[GroupCandidate], config: QuantConfig) -> dict
         raise ValueError(f"avg_bits {config.avg_bits} is below the {cost[base] / total:.4f} bits per weight that "
                          f"{base}-bit codes with their scales and zero points already take")
     slack = config.avg_bits * total - cost[base]
-    ranked = []
-    for candidate in candidates:
-        gain = (relative_rounding_error(candidate, base, config.group_size, config.sym)
-                - relative_rounding_error(candidate, wide, config.group_size, config.sym))
-        extra = candidate.stored_bits(wide, config.group_size) - candidate.stored_bits(base, config.group_size)
-        ranked.append((gain / extra, extra, candidate))
-    plan = {name: base for candidate in candidates for name in candidate.names}
-    if config.avg_bits_rule == "random":
-        order = [ranked[i] for i in torch.randperm(len(ranked)).tolist()]
+    extras = [candidate.stored_bits(wide, config.group_size) - candidate.stored_bits(base, config.group_size)
+              for candidate in candidates]
+    if config.avg_bits_rule == "random":   # the control needs no scores
+        order = torch.randperm(len(candidates)).tolist()
     else:
-        order = sorted(ranked, key=lambda item: -item[0])
-    for _, extra, candidate in order:
+        gain_per_bit = [(relative_rounding_error(candidate, base, config.group_size, config.sym)
+                         - relative_rounding_error(candidate, wide, config.group_size, config.sym)) / extra
+                        for candidate, extra in zip(candidates, extras)]
+        order = sorted(range(len(candidates)), key=lambda i: -gain_per_bit[i])
+    plan = {name: base for candidate in candidates for name in candidate.names}
+    for i in order:
+        extra, candidate = extras[i], candidates[i]
         if extra <= slack:
             slack -= extra
             plan.update({name: wide for name in candidate.names})

@@ -135,7 +135,7 @@ def measure_ours(k: int, n: int, x: torch.Tensor, bits: int, group: int, act: st
     copies = copies_for(nbytes, l3, args.hot)
     fn, nbytes = make_ours(k, n, bits, group, copies, xa)
     t = bench(fn, args.rounds, args.target_s)
-    fused = x.shape[0] <= cpu.fused_max_m(xa.dtype)
+    fused = cpu.auto_kernel(x.shape[0], xa.dtype) != "dense"
     t_deq = None
     if x.shape[0] >= args.dequant_from:
         t_deq = t if not fused else bench(make_ours(k, n, bits, group, copies, xa, path="dequant")[0], args.rounds,
@@ -291,7 +291,7 @@ def _decode_layer(k: int, n: int, bits: int):
 def _kernel_calls(layer, x, copies: int):
     """The extension call alone (what QuantLinear.__call__ ends in) on `copies` copies of the layer's repack."""
     packed = cpu._cached_repack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
-    int8 = cpu.ACTIVATIONS == "int8" or (cpu.ACTIVATIONS == "auto" and cpu.int8_native() and 1 <= cpu.INT8_MAX_M)
+    int8 = cpu.auto_kernel(x.shape[0], x.dtype) == "int8"
     words_q8 = cpu._words_q8(packed) if int8 else None
     calls = []
     for i in range(copies):

@@ -75,7 +75,7 @@ def run(args) -> dict:
                         fn, nbytes = make_ours(k, n, bits, args.group_size, copies, x)
                         t = bench(fn, args.rounds)
                         gbps = nbytes / t / 1e9
-                        fused = m <= cpu.fused_max_m(x.dtype)
+                        fused = cpu.auto_kernel(m, x.dtype) != "dense"
                         t_deq = None
                         if m >= args.dequant_from:
                             t_deq = t if not fused else bench(

@@ -5,9 +5,10 @@ native extension `fade_kernels._C` is missing or fails to load, the backend is r
 unavailable with the reason, and nothing raises at import.
 
 Paths, chosen by the row count M of the flattened activation and its dtype:
-  M <= fused_max_m(dtype)  a fused kernel that reads each packed word once:
+  M <= fused_max_m(dtype), or M <= INT8_MAX_M with int8 activations: a fused kernel that reads
+  each packed word once:
     int8 activations (activations="int8"; "auto" picks it when the family runs it as SIMD and
-      M <= INT8_MAX_M): each kernel group of x is quantized once per call to int8 with its own
+      M <= INT8_MAX_M, so that a batch decodes with the arithmetic of one utterance): each kernel group of x is quantized once per call to int8 with its own
       scale, and the codes meet it in integer dot products (vpdpbusd; csrc/cpu/q8_simd.inc):
       y += s_w * s_x * (Σ xq*q - z * Σ xq), exact in the bracket. Extra error against the fp32
       dequantized reference: each |x - xq*s_x| <= s_x / 2, so per output
@@ -147,8 +148,17 @@ def _env_mode() -> str:
 ACTIVATIONS = _env_mode()
 """Default activation mode of the fused kernel (FADE_CPU_ACTIVATIONS): "auto", "int8" or "fp32"."""
 
-INT8_MAX_M = _env_int("FADE_CPU_INT8_MAX_M", 8)
-"""Largest M that activations="auto" sends to the int8 kernel (FADE_CPU_INT8_MAX_M)."""
+INT8_MAX_M = _env_int("FADE_CPU_INT8_MAX_M", 64)
+"""Largest M that activations="auto" sends to the int8 kernel (FADE_CPU_INT8_MAX_M); those calls
+stay on the fused kernel up to this M even where fused_max_m(dtype) is lower.
+
+A decoder calls its linears with batch x prompt-length rows on its first step and batch rows
+after it. A limit below the first step's row count would give a batch fp32 activations on that
+step where one utterance gets int8, and greedy transcripts would then depend on the batch size.
+64 rows cover the first step of a batch of 16 with Whisper's 4-token multilingual prompt. On an
+AVX2 CPU without VNNI the int8 kernel is faster than the fp32-activation kernel at every M from 1
+to 128 and no slower than the dense GEMM up to M = 64 on tiny and base layer shapes
+(benchmarks/results/kernels-cpu/activation_rows_amd_avx2.md)."""
 
 DENSE_CACHE_BYTES = _env_int("FADE_CPU_DENSE_CACHE_MB", 1024) << 20
 """Budget of the large-M dense-weight cache (FADE_CPU_DENSE_CACHE_MB, default 1024; 0 disables it).
@@ -180,6 +190,25 @@ def int8_native() -> bool:
 def fused_max_m(dtype: torch.dtype) -> int:
     """The largest M that path="auto" sends to the fused kernel for activations of `dtype`."""
     return FUSED_MAX_M_BF16 if dtype == torch.bfloat16 else FUSED_MAX_M
+
+
+def _int8_activations(m: int, activations: str | None) -> bool:
+    mode = activations or ACTIVATIONS
+    return mode == "int8" or (mode == "auto" and _Q8_NATIVE[0] and m <= INT8_MAX_M)
+
+
+def _fused_limit(dtype: torch.dtype, int8: bool) -> int:
+    return max(fused_max_m(dtype), INT8_MAX_M) if int8 else fused_max_m(dtype)
+
+
+def auto_kernel(m: int, dtype: torch.dtype, activations: str | None = None) -> str:
+    """What cpu_forward_packed(path="auto") runs for M rows of `dtype` activations: "int8" or
+    "fp32" (the fused kernel with those activations) or "dense" (the GEMM on the dequantized
+    weight). activations as in cpu_forward_packed (None: the module default ACTIVATIONS)."""
+    int8 = _int8_activations(m, activations)
+    if m > _fused_limit(dtype, int8):
+        return "dense"
+    return "int8" if int8 else "fp32"
 
 
 def cpu_available() -> tuple[bool, str]:
@@ -383,9 +412,9 @@ def _dense_weight(packed: dict, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
          activations: str | None = None) -> torch.Tensor:
-    mode = activations or ACTIVATIONS
     m = x2.shape[0]
-    max_m = fused_max_m(x2.dtype)
+    int8 = _int8_activations(m, activations)
+    max_m = _fused_limit(x2.dtype, int8)
     if path == "auto" and m > max_m and DENSE_CACHE_BYTES > 0:
         # Large M: the dense GEMM on the cached dequantized weight (see DENSE_CACHE_BYTES).
         gemm_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
@@ -393,7 +422,6 @@ def _run(x2: torch.Tensor, packed: dict, bias: torch.Tensor | None, path: str,
         if dense is not None:
             y = torch.nn.functional.linear(x2.to(gemm_dtype), dense, None if bias is None else bias.to(gemm_dtype))
             return y.to(x2.dtype)
-    int8 = mode == "int8" or (mode == "auto" and _Q8_NATIVE[0] and m <= INT8_MAX_M)
     return _C.qmatmul(x2, packed["words"], packed["scales"], packed["zeros"], packed["dsum"], bias, packed["bits"],
                       packed["kernel_group"], packed["out_features"], path, max_m, 0,
                       _words_q8(packed) if int8 else None)
@@ -404,7 +432,8 @@ def cpu_forward_packed(x: torch.Tensor, packed: dict, bias: torch.Tensor | None 
     """y = x @ W_hat^T + bias from a repack_for_cpu result.
 
     x float32/bfloat16/float16 (..., K) on CPU; bias float (N,) or None. Returns (..., N) in x's
-    dtype. path: "auto" (fused when M <= fused_max_m(x.dtype)), "fused" or "dequant".
+    dtype. path: "auto" (fused when M <= fused_max_m(x.dtype), or M <= INT8_MAX_M for int8
+    activations), "fused" or "dequant".
     activations (the fused path): "int8" (quantize each kernel group of x to int8, integer dot
     products), "fp32" (the fp32-activation kernel), "auto" (int8 when int8_native() and
     M <= INT8_MAX_M) or None (the module default ACTIVATIONS, from FADE_CPU_ACTIVATIONS).

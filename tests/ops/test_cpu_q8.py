@@ -184,6 +184,45 @@ def test_auto_mode_picks_int8_only_for_small_m_where_it_runs_as_simd(monkeypatch
         cpu.cpu_forward_packed(x, packed, activations="int4")
 
 
+@pytest.mark.skipif(AVAILABLE and not cpu.int8_native(), reason="auto keeps fp32 activations without SIMD int8")
+@pytest.mark.parametrize("bits", [3, 4])
+def test_auto_batch_rows_match_one_row_at_a_time(bits):
+    # A batch of decoder rows (up to INT8_MAX_M, past the fp32 fused/dense crossover) must get
+    # the arithmetic of one utterance at a time, or greedy transcripts depend on the batch size.
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    qweight, qzeros, scales, _ = random_gptq(512, 96, bits, 128, generator=gen)
+    packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits)
+    bias = torch.randn(96, generator=gen)
+    rows = sorted({2, min(cpu.fused_max_m(torch.float32) + 1, cpu.INT8_MAX_M), cpu.INT8_MAX_M})
+    for m in rows:
+        assert cpu.auto_kernel(m, torch.float32) == "int8"
+        x = activations(m, 512, gen)
+        batch = cpu.cpu_forward_packed(x, packed, bias)
+        one_by_one = torch.cat([cpu.cpu_forward_packed(x[i:i + 1], packed, bias) for i in range(m)])
+        assert torch.equal(batch, one_by_one), f"seed {seed}, M = {m}"
+    assert cpu.auto_kernel(cpu.INT8_MAX_M + 1, torch.float32) in ("fp32", "dense")
+
+
+def test_auto_kernel_names_the_path_cpu_forward_takes(monkeypatch):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    qweight, qzeros, scales, g_idx = random_gptq(256, 40, 4, 128, generator=gen)
+    packed = cpu.repack_for_cpu(qweight, qzeros, scales, 4)
+    dense = dequantize_weight(qweight, qzeros, scales, g_idx, 4, 40)
+    monkeypatch.setattr(cpu, "FUSED_MAX_M", 3)
+    monkeypatch.setattr(cpu, "INT8_MAX_M", 6)
+    for m in (1, 3, 4, 6, 7):
+        x = activations(m, 256, gen)
+        kernel = cpu.auto_kernel(m, torch.float32)
+        # "dense" is F.linear on the exactly dequantized weight (the dense-weight cache).
+        want_y = torch.nn.functional.linear(x, dense) if kernel == "dense" else \
+            cpu.cpu_forward_packed(x, packed, path="fused", activations=kernel)
+        assert torch.equal(cpu.cpu_forward_packed(x, packed), want_y), f"seed {seed}, M = {m}: {kernel}"
+        want = ("int8" if m <= 6 else "dense") if cpu.int8_native() else ("fp32" if m <= 3 else "dense")
+        assert kernel == want, f"M = {m}: {kernel}"
+
+
 def test_quant_linear_uses_the_int8_kernel_for_decode_rows():
     from fade_kernels.nn.quant_linear import QuantLinear
 

@@ -15,7 +15,7 @@ in one run, for each layer shape, bit width, thread count and M:
 with hot weights by default (small Whisper models keep their decoder weights in cache), and
 reports microseconds and the ratios int8 / dense and int8 / fp32.
 
-  python benchmarks/bench_activation_rows.py --models tiny base --m 1 8 16 32 64 128 --threads 1 2 \\
+  python benchmarks/bench_activation_rows.py --models whisper-tiny whisper-base --m 1 8 16 32 64 128 --threads 1 2 \\
       --json rows.json --md rows.md
 """
 from __future__ import annotations
@@ -27,26 +27,19 @@ import torch.nn.functional as F
 
 from _common import (TIMING, bench, configure_timing, copies_for, machine_info, machine_line, publish,
                      random_gptq_tensors, rotating)
+from bench_qmatmul import MODELS, layer_shapes
 from fade_kernels.ops import cpu
 from fade_kernels.ops.reference import dequantize_weight
-
-SHAPES = {  # model -> [(layer, K in, N out)]
-    "tiny": [("qkvo 384->384", 384, 384), ("fc1 384->1536", 384, 1536), ("fc2 1536->384", 1536, 384)],
-    "base": [("qkvo 512->512", 512, 512), ("fc1 512->2048", 512, 2048), ("fc2 2048->512", 2048, 512)],
-    "large-v3": [("qkvo 1280->1280", 1280, 1280), ("fc1 1280->5120", 1280, 5120), ("fc2 5120->1280", 5120, 1280)],
-}
-
 
 def time_layer(k: int, n: int, bits: int, group_size: int, m: int, l3: int, hot: bool, rounds: int) -> dict:
     """Seconds per call of the three paths on one random layer of shape [N, K] and x float32 [M, K]."""
     gen = torch.Generator().manual_seed(1000 * bits + k)
     copies = copies_for(n * k * bits // 8, l3, hot)
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
     packs, dense = [], []
     for _ in range(copies):
         qweight, qzeros, scales = random_gptq_tensors(k, n, bits, group_size, gen)
-        packed = cpu.repack_for_cpu(qweight, qzeros, scales, bits, group_size)
-        packs.append(packed)
-        g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        packs.append(cpu.repack_for_cpu(qweight, qzeros, scales, bits, group_size))
         dense.append(dequantize_weight(qweight, qzeros, scales, g_idx, bits, n))   # float32 [N, K]
     x = torch.randn(m, k, generator=gen)
     out = {}
@@ -62,7 +55,7 @@ def run(args) -> dict:
     info = machine_info()
     rows = []
     for model in args.models:
-        for layer, k, n in SHAPES[model]:
+        for layer, k, n in layer_shapes(model):
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for bits in args.bits:
@@ -95,7 +88,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "base"], choices=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=["whisper-tiny", "whisper-base"], choices=list(MODELS))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 8, 16, 32, 64, 128])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3], choices=[3, 4])

@@ -8,8 +8,9 @@ Paths, chosen by the row count M of the flattened activation and its dtype:
   M <= fused_max_m(dtype), or M <= INT8_MAX_M with int8 activations: a fused kernel that reads
   each packed word once:
     int8 activations (activations="int8"; "auto" picks it when the family runs it as SIMD and
-      M <= INT8_MAX_M, so that a batch decodes with the arithmetic of one utterance): each kernel group of x is quantized once per call to int8 with its own
-      scale, and the codes meet it in integer dot products (vpdpbusd; csrc/cpu/q8_simd.inc):
+      M <= INT8_MAX_M, so that a batch decodes with the arithmetic of one utterance): each
+      kernel group of x is quantized once per call to int8 with its own scale, and the codes
+      meet it in integer dot products (vpdpbusd; csrc/cpu/q8_simd.inc):
       y += s_w * s_x * (Σ xq*q - z * Σ xq), exact in the bracket. Extra error against the fp32
       dequantized reference: each |x - xq*s_x| <= s_x / 2, so per output
       |Δy_n| <= Σ_g s_x,g / 2 * Σ_{k in g} |W[n, k]|   (tests/ops/test_cpu_q8.py checks it).

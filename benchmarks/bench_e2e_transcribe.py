@@ -11,9 +11,10 @@ Rows
            (the code `fade eval` / `fade transcribe` run), --dtypes fp32 / bf16 for full-precision
            models, --decoders lean / generate, at every --threads and --batch
   faster-whisper  `WhisperModel.transcribe` (beam_size=1, without_timestamps=True,
-           condition_on_previous_text=False, no VAD), one file at a time, and its
-           BatchedInferencePipeline (batch = --batch), compute types --fw-compute-types, on the
-           CTranslate2 directory --ct2-dir (default: the one bundled:tiny.en is converted from),
+           condition_on_previous_text=False, no VAD, language="en" as ours forces English on a
+           multilingual model), one file at a time, and its BatchedInferencePipeline
+           (batch = --batch), compute types --fw-compute-types, on the CTranslate2 directory
+           --ct2-dir (default: the one the first bundled: model of --models is converted from),
            run with the Python of --fw-venv (built with --build-fw-venv; rows skipped with a
            message when it is missing)
 
@@ -102,7 +103,8 @@ import json, sys, time
 spec = json.loads(sys.argv[1])
 from faster_whisper import WhisperModel, BatchedInferencePipeline
 model = WhisperModel(spec["ct2_dir"], device="cpu", compute_type=spec["compute_type"], cpu_threads=spec["threads"])
-options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False, vad_filter=False)
+options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False, vad_filter=False,
+               language="en")
 if not spec["temperature_fallback"]:
     options["temperature"] = 0.0
 if spec["batched"]:
@@ -136,10 +138,12 @@ def _subprocess(cmd: list[str], threads: int) -> dict:
     raise RuntimeError(f"row failed ({' '.join(cmd[:3])} ...):\n{proc.stderr[-3000:]}")
 
 
-def bundled_ct2_dir() -> str:
+def bundled_ct2_dir(models: list[str]) -> str:
+    """The CTranslate2 directory behind the first bundled:NAME of `models` (tiny.en without one)."""
     from fade_kernels.models.bundled import _bundled_source
 
-    return str(_bundled_source("tiny.en"))
+    names = [m.split(":", 1)[1] for m in models if m.startswith("bundled:")]
+    return str(_bundled_source(names[0] if names else "tiny.en"))
 
 
 def build_fw_venv(path: Path) -> None:
@@ -168,7 +172,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--decoders", nargs="*", default=["lean"], choices=["lean", "generate"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--ct2-dir", help="CTranslate2 model of the faster-whisper rows (default: bundled:tiny.en's)")
+    parser.add_argument("--ct2-dir", help="CTranslate2 model of the faster-whisper rows (default: that of the first "
+                             "bundled: model of --models)")
     parser.add_argument("--fw-venv", default=str(DEFAULT_FW_VENV), help="virtual env with faster-whisper")
     parser.add_argument("--build-fw-venv", action="store_true", help="create --fw-venv and pip install faster-whisper")
     parser.add_argument("--fw-compute-types", nargs="*", default=["int8", "float32"])
@@ -184,15 +189,18 @@ def main(argv=None) -> dict:
         return {}
 
     sys.path.insert(0, str(HERE))
-    from _common import machine_info, machine_line
+    from _common import machine_info, machine_line, read_bandwidth
 
     from fade_kernels.models.bundled import load_model_and_processor
 
-    _, processor = load_model_and_processor("bundled:tiny.en")
+    # Token counts use the tokenizer of the model the rows share (base's is multilingual).
+    _, processor = load_model_and_processor(args.models[0] if args.models else "bundled:tiny.en")
     utts = _manifest_audio(args.manifest, args.max_utts)
     import soundfile as sf
 
     audio_seconds = sum(sf.info(u["audio"]).duration for u in utts)
+    # This VM's memory bandwidth changes from day to day: the run names the one it had.
+    read_gb_s = {threads: read_bandwidth(threads) for threads in args.threads}
     rows = []
 
     def add(label, threads, batch, result):
@@ -230,7 +238,7 @@ def main(argv=None) -> dict:
         skipped = f"faster-whisper rows skipped: no virtual env at {args.fw_venv} (rerun with --build-fw-venv)"
         print(skipped)
     else:
-        ct2_dir = args.ct2_dir or bundled_ct2_dir()
+        ct2_dir = args.ct2_dir or bundled_ct2_dir(args.models)
         for compute_type in args.fw_compute_types:
             for threads in args.threads:
                 for batched, batches in ((False, [1]), (True, [b for b in args.batch if b > 1])):
@@ -243,10 +251,12 @@ def main(argv=None) -> dict:
                         add(f"faster-whisper {compute_type} {name}", threads, batch, result)
 
     info = machine_info()
-    result = {"machine": info, "manifest": args.manifest, "n_utts": len(utts), "audio_seconds": audio_seconds,
+    result = {"machine": info, "read_gb_s": read_gb_s, "manifest": args.manifest, "n_utts": len(utts),
+              "audio_seconds": audio_seconds,
               "temperature_fallback": args.temperature_fallback,
               "rows": rows, "skipped": skipped, "argv": sys.argv[1:] if argv is None else list(argv)}
-    lines = [machine_line(info), "", f"{len(utts)} utterances, {audio_seconds:.0f} s of audio; wall time of "
+    bandwidth = ", ".join(f"{gb:.1f} GB/s on {t} thread{'s' if t > 1 else ''}" for t, gb in read_gb_s.items())
+    lines = [machine_line(info) + f"; read bandwidth at start {bandwidth}", "", f"{len(utts)} utterances, {audio_seconds:.0f} s of audio; wall time of "
              "transcription only (load and a one-utterance warm-up excluded); one subprocess per row; decoding: "
              + ("greedy with temperature fallback in every row." if args.temperature_fallback else
                 "greedy in every row (no temperature fallback)."), "",

@@ -466,7 +466,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                              "same budget, order drawn with --seed)")
     parser.add_argument("--head", choices=HEAD_FORMATS,
                         help="storage of the output projection and the token embedding tied to it: fp32, bf16, or "
-                             "8/4 bits (codes from --head-solver) (default: QuantConfig's)")
+                             "8/4 bits (codes from --head-solver; on CPU only bits4 has a packed kernel, a bits8 head is "
+                             "dequantized at every decoder step) (default: QuantConfig's)")
     parser.add_argument("--head-group-size", type=int, choices=SUPPORTED_GROUP_SIZES,
                         help=f"columns per scale of a bits4/bits8 head (default {DEFAULT_HEAD_GROUP_SIZE})")
     parser.add_argument("--head-solver", choices=HEAD_SOLVERS,

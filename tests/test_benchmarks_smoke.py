@@ -208,6 +208,7 @@ def test_bench_e2e_transcribe_scores_our_row_and_skips_missing_faster_whisper(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["temperature_fallback"] is True
+    assert data["read_gb_s"]["1"] > 0
     (row,) = data["rows"]
     assert row["system"] == "ours bundled:tiny.en fp32 (lean)" and row["seconds"] > 0 and row["tokens"] > 0
     assert 0.0 <= row["wer"] <= 0.5

@@ -27,6 +27,9 @@ _CHILD = textwrap.dedent('''
     from fade_kernels.cli import main
 
     point, args = sys.argv[1], sys.argv[2:]
+    # A shell starts background jobs with SIGINT ignored and Python keeps that; a user's Ctrl-C
+    # reaches a foreground process, whose handler raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if point == "after-first-block":
         commit = resume.ResumeState.commit_block
         def commit_then_interrupt(self, *a, **k):

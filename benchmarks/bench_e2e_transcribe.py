@@ -140,9 +140,9 @@ def _subprocess(cmd: list[str], threads: int) -> dict:
 
 def bundled_ct2_dir(models: list[str]) -> str:
     """The CTranslate2 directory behind the first bundled:NAME of `models` (tiny.en without one)."""
-    from fade_kernels.models.bundled import _bundled_source
+    from fade_kernels.models.bundled import _bundled_source, bundled_name
 
-    names = [m.split(":", 1)[1] for m in models if m.startswith("bundled:")]
+    names = [name for name in map(bundled_name, models) if name is not None]
     return str(_bundled_source(names[0] if names else "tiny.en"))
 
 

